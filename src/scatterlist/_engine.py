@@ -1,0 +1,135 @@
+"""The contract between the Pythonic layer and an engine, and how an engine is chosen.
+
+Two engines implement :class:`Engine`: ``native`` (the C core through cffi, in ``_native.py``)
+and ``model`` (pure Python, in ``scatterlist.model``).  The Pythonic layer validates arguments
+that need no engine state, then calls the engine; the engine checks everything that depends on
+its state and raises the exceptions of :mod:`scatterlist.errors` (via ``error_for`` with a
+:class:`~scatterlist.errors.Reason`).  A call that raises changes nothing.
+
+Conventions for every method:
+
+* sizes and addresses are ``int`` bytes, page frame numbers are ``int`` pfns;
+* ``pfns`` arguments are 1-D ``memoryview`` objects of format ``"Q"``;
+* array results are ``array.array("Q")`` objects;
+* handles (``mem``, ``table``) are opaque: only the engine that made them may use them.
+
+The engine is chosen explicitly, by argument or by ``SCATTERLIST_ENGINE``; a missing native
+extension is an ImportError, never a silent switch to the model.
+"""
+
+from __future__ import annotations
+
+import os
+from array import array
+from typing import Any, Dict, List, Optional, Protocol, Tuple
+
+from .errors import InvalidArgument
+
+ENGINE_NAMES = ("native", "model")
+
+LAYOUTS = {"contiguous": 0, "scattered": 1, "random": 2}
+
+
+class Engine(Protocol):
+    name: str
+
+    # -- emulated physical memory --------------------------------------------------------
+    def memory_create(self, size_bytes: int, page_size: int) -> Any:
+        """A new sparse memory of size_bytes (a positive multiple of page_size, <= 2**52)."""
+
+    def memory_destroy(self, mem: Any) -> None:
+        """Frees the memory and every page's backing."""
+
+    def memory_info(self, mem: Any) -> Tuple[int, int, int]:
+        """(n_pages, free_pages, resident_pages): resident pages have backing bytes."""
+
+    def memory_alloc_pages(self, mem: Any, n_pages: int, layout: int, seed: int) -> "array[int]":
+        """Allocates n_pages pfns in the layout (LAYOUTS) or raises OutOfMemory having
+        allocated nothing.  Layout rules (both engines, bit for bit):
+
+        * contiguous: the lowest run of n_pages consecutive free pfns;
+        * scattered: walk free pfns upward, take a pfn unless it is the last taken pfn + 1;
+        * random: walk free pfns upward alternating "take" runs of 1 + r % 16 pfns and "skip"
+          runs of 1 + r % 4 pfns, starting with a take run; r are successive splitmix64
+          outputs from state=seed.
+        """
+
+    def memory_free_pages(self, mem: Any, pfns: memoryview) -> None:
+        """Frees the pages (their contents are dropped), or none if any is out of range, not
+        allocated, or listed twice."""
+
+    def memory_read(self, mem: Any, phys: int, n_bytes: int) -> bytes:
+        """Bytes at [phys, phys + n_bytes); never-written bytes read as zero."""
+
+    def memory_write(self, mem: Any, phys: int, data: memoryview) -> None:
+        """Writes data at phys; the whole range must lie inside the memory."""
+
+    # -- scatter-gather tables -----------------------------------------------------------
+    def table_create(self, page_size: int, max_segment_bytes: int) -> Any:
+        """An empty append table; max_segment_bytes is rounded down to whole pages
+        (0xFFFFFFFF means no limit)."""
+
+    def table_destroy(self, table: Any) -> None:
+        """Frees the entries and the handle."""
+
+    def table_free_entries(self, table: Any) -> None:
+        """The kernel's sg_free_table: frees the entry chunks, leaves the counters."""
+
+    def table_append(self, table: Any, pfns: memoryview, offset: int, size_bytes: int,
+                     left_pages: int) -> None:
+        """sg_alloc_append_table_from_pages with the rules of csrc/scatterlist.c."""
+
+    def table_counts(self, table: Any) -> Tuple[int, int, int, bool]:
+        """(nents, orig_nents, total_nents, final)."""
+
+    def table_export_cpu(self, table: Any, n_entries: int) -> "array[int]":
+        """3 * n_entries values: (pfn, offset, length) per entry, walked with sg_next."""
+
+    def table_export_dma(self, table: Any, n_entries: int) -> "array[int]":
+        """2 * n_entries values: (dma_address, dma_length) per entry."""
+
+    def table_chunk_slots(self, table: Any) -> List[int]:
+        """Slots in each entry chunk, in chain order."""
+
+    def table_sg_nents(self, table: Any) -> int:
+        """sg_nents: entries reachable with sg_next from the first."""
+
+    def table_nents_for_len(self, table: Any, len_bytes: int) -> int:
+        """sg_nents_for_len; raises InvalidArgument (NENTS_FOR_LEN) when the list is short."""
+
+    def table_page_pfns(self, table: Any, start_pgoffset: int) -> "array[int]":
+        """The pfns for_each_sgtable_page visits, starting start_pgoffset pages in."""
+
+    def table_copy(self, table: Any, mem: Any, buf: memoryview, skip: int,
+                   to_buffer: bool) -> int:
+        """sg_copy_buffer over orig_nents entries; buf is writable when to_buffer.  Returns the
+        bytes copied."""
+
+
+_cache: Dict[str, Engine] = {}
+
+
+def default_engine_name() -> str:
+    name = os.environ.get("SCATTERLIST_ENGINE", "native").strip().lower() or "native"
+    if name not in ENGINE_NAMES:
+        raise InvalidArgument(
+            f"SCATTERLIST_ENGINE={name!r} is not an engine: choose one of {ENGINE_NAMES}")
+    return name
+
+
+def get_engine(name: Optional[str] = None) -> Engine:
+    """The engine called ``name`` (default: SCATTERLIST_ENGINE, else ``native``)."""
+    if name is None:
+        name = default_engine_name()
+    if name not in ENGINE_NAMES:
+        raise InvalidArgument(f"engine={name!r} is not an engine: choose one of {ENGINE_NAMES}")
+    engine = _cache.get(name)
+    if engine is None:
+        if name == "native":
+            from ._native import NativeEngine
+            engine = NativeEngine()
+        else:
+            from .model import ModelEngine
+            engine = ModelEngine()
+        _cache[name] = engine
+    return engine
