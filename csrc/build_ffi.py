@@ -86,6 +86,8 @@ uint64_t sl_table_page_pfns(const struct sl_table *table, uint64_t start_pgoffse
                             uint64_t *pfns_out, uint64_t capacity);
 int sg_copy_buffer(const struct sl_table *table, struct physmem *mem, void *buf,
                    uint64_t buflen, uint64_t skip, int to_buffer, uint64_t *copied_out);
+uint64_t sl_chunk_cache_bytes(void);
+void sl_chunk_cache_drain(void);
 """
 
 ffibuilder = cffi.FFI()

@@ -1,6 +1,7 @@
 #include "scatterlist.h"
 
 #include <errno.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -49,6 +50,94 @@ struct scatterlist *sg_next(struct scatterlist *sg)
 /* Largest pfn accepted: physical addresses stay below 2^63, so address + length never wraps. */
 static inline uint64_t max_pfn(unsigned page_shift) { return (UINT64_C(1) << (63 - page_shift)) - 1; }
 
+/* ---- chunk cache ----
+ * Full chunks (one page of entries) freed by one table are kept for the next: fresh memory
+ * costs a page fault per chunk, which was most of the time of building a large table.  The
+ * cache is bounded and shared by all tables, so it is guarded by a mutex. */
+
+#define CHUNK_CACHE_MAX_BYTES (UINT64_C(64) << 20)
+#define CHUNK_CACHE_CLASSES 5 /* page sizes 4 KiB .. 64 KiB */
+
+struct cached_chunk {
+    struct cached_chunk *next;
+};
+
+static struct {
+    pthread_mutex_t lock;
+    struct cached_chunk *head[CHUNK_CACHE_CLASSES];
+    uint64_t bytes;
+} chunk_cache = {.lock = PTHREAD_MUTEX_INITIALIZER};
+
+/* Fills chunks[0..n) with arrays of the planned sizes, or returns -ENOMEM having kept none. */
+static int chunks_get(const struct sl_table *table, const uint32_t *plan, uint64_t n,
+                      struct sg_chunk *chunks)
+{
+    unsigned cls = table->page_shift - 12;
+    pthread_mutex_lock(&chunk_cache.lock);
+    for (uint64_t i = 0; i < n; i++) {
+        chunks[i] = (struct sg_chunk){NULL, plan[i]};
+        struct cached_chunk *cached = chunk_cache.head[cls];
+        if (plan[i] == table->chunk_entries && cached) {
+            chunk_cache.head[cls] = cached->next;
+            chunk_cache.bytes -= table->page_size;
+            chunks[i].entries = (struct scatterlist *)(void *)cached;
+        }
+    }
+    pthread_mutex_unlock(&chunk_cache.lock);
+    for (uint64_t i = 0; i < n; i++) {
+        if (chunks[i].entries)
+            continue;
+        chunks[i].entries = malloc((size_t)plan[i] * sizeof(struct scatterlist));
+        if (!chunks[i].entries) {
+            for (uint64_t k = 0; k < n; k++)
+                free(chunks[k].entries); /* straight to the allocator: this is the rare path */
+            return sl_fail(ENOMEM, SL_REASON_NO_MEMORY, 0, 0);
+        }
+    }
+    return 0;
+}
+
+static void chunks_put(const struct sl_table *table, struct sg_chunk *chunks, uint64_t n)
+{
+    unsigned cls = table->page_shift - 12;
+    pthread_mutex_lock(&chunk_cache.lock);
+    for (uint64_t i = 0; i < n; i++) {
+        if (chunks[i].n_slots == table->chunk_entries &&
+            chunk_cache.bytes + table->page_size <= CHUNK_CACHE_MAX_BYTES) {
+            struct cached_chunk *cached = (struct cached_chunk *)(void *)chunks[i].entries;
+            cached->next = chunk_cache.head[cls];
+            chunk_cache.head[cls] = cached;
+            chunk_cache.bytes += table->page_size;
+            chunks[i].entries = NULL;
+        }
+    }
+    pthread_mutex_unlock(&chunk_cache.lock);
+    for (uint64_t i = 0; i < n; i++)
+        free(chunks[i].entries);
+}
+
+uint64_t sl_chunk_cache_bytes(void)
+{
+    pthread_mutex_lock(&chunk_cache.lock);
+    uint64_t bytes = chunk_cache.bytes;
+    pthread_mutex_unlock(&chunk_cache.lock);
+    return bytes;
+}
+
+void sl_chunk_cache_drain(void)
+{
+    pthread_mutex_lock(&chunk_cache.lock);
+    for (unsigned cls = 0; cls < CHUNK_CACHE_CLASSES; cls++) {
+        while (chunk_cache.head[cls]) {
+            struct cached_chunk *cached = chunk_cache.head[cls];
+            chunk_cache.head[cls] = cached->next;
+            free(cached);
+        }
+    }
+    chunk_cache.bytes = 0;
+    pthread_mutex_unlock(&chunk_cache.lock);
+}
+
 /* ---- creation and freeing ---- */
 
 int sl_table_create(uint32_t page_size, uint32_t max_segment_bytes, struct sl_table **out)
@@ -72,8 +161,7 @@ int sl_table_create(uint32_t page_size, uint32_t max_segment_bytes, struct sl_ta
 
 void sl_table_free_entries(struct sl_table *table)
 {
-    for (uint64_t i = 0; i < table->n_chunks; i++)
-        free(table->chunks[i].entries);
+    chunks_put(table, table->chunks, table->n_chunks);
     free(table->chunks);
     table->chunks = NULL;
     table->n_chunks = 0;
@@ -159,10 +247,6 @@ int sg_alloc_append_table_from_pages(struct sl_table *table, const uint64_t *pfn
     /* size must end inside the last page: the kernel's wrap-around for other sizes is nonsense. */
     if (size_bytes > pages_bytes - offset || size_bytes + offset <= pages_bytes - page_size)
         return sl_fail(EINVAL, SL_REASON_SIZE, 0, size_bytes);
-    const uint64_t pfn_limit = max_pfn(table->page_shift);
-    for (uint64_t i = 0; i < n_pages; i++)
-        if (pfns[i] > pfn_limit)
-            return sl_fail(EINVAL, SL_REASON_PFN_RANGE, i, pfns[i]);
 
     /* Merge into the previous call's last entry, as far as the pfns continue it. */
     uint64_t merged = 0;
@@ -189,21 +273,38 @@ int sg_alloc_append_table_from_pages(struct sl_table *table, const uint64_t *pfn
         }
     }
 
-    uint64_t chunks = 0;
-    for (uint64_t cur = merged; cur < n_pages; cur = segment_end(table, pfns, cur, n_pages))
-        chunks++;
+    /* One pass checks every pfn and counts the entries (the kernel's "chunks"): a new entry
+     * starts where pfns stop being consecutive or the entry reaches max_segment, counted in
+     * whole pages, ignoring the offset. */
+    const uint64_t pfn_limit = max_pfn(table->page_shift);
+    if (pfns[0] > pfn_limit)
+        return sl_fail(EINVAL, SL_REASON_PFN_RANGE, 0, pfns[0]);
+    uint64_t chunks = merged < n_pages;
+    uint64_t seg_bytes = 0;
+    for (uint64_t i = 1; i < n_pages; i++) {
+        if (pfns[i] > pfn_limit)
+            return sl_fail(EINVAL, SL_REASON_PFN_RANGE, i, pfns[i]);
+        if (i <= merged)
+            continue;
+        seg_bytes += page_size;
+        if (seg_bytes >= table->max_segment_bytes || pfns[i] != pfns[i - 1] + 1) {
+            chunks++;
+            seg_bytes = 0;
+        }
+    }
     if ((uint64_t)table->total_nents + chunks + table->chunk_entries > UINT32_MAX)
         return sl_fail(EINVAL, SL_REASON_TOO_MANY_ENTRIES, 0, chunks);
 
-    /* Dry run of the slot decisions, then allocate every chunk they need before touching the
+    /* Dry run of the slot decisions, then get every chunk they need before touching the
      * table: a failed allocation leaves it exactly as it was. */
+    struct fill_cursor cursor = {table->prv != NULL, table->prv_slot,
+                                 table->n_chunks ? table->chunks[table->n_chunks - 1].n_slots : 0};
+    const struct fill_cursor start_cursor = cursor;
     uint64_t max_allocs = chunks / (table->chunk_entries - 1) + 2;
     uint32_t *plan = malloc(max_allocs * sizeof(*plan));
     if (!plan)
         return sl_fail(ENOMEM, SL_REASON_NO_MEMORY, 0, 0);
     uint64_t n_allocs = 0;
-    struct fill_cursor cursor = {table->prv != NULL, table->prv_slot,
-                                 table->n_chunks ? table->chunks[table->n_chunks - 1].n_slots : 0};
     for (uint64_t i = 0; i < chunks; i++) {
         uint32_t alloc_size = next_slot_alloc_size(table, &cursor, chunks - i + left_pages);
         if (alloc_size)
@@ -222,53 +323,56 @@ int sg_alloc_append_table_from_pages(struct sl_table *table, const uint64_t *pfn
         table->chunks = grown;
         table->chunks_capacity = capacity;
     }
-    for (uint64_t a = 0; a < n_allocs; a++) {
-        struct scatterlist *entries = malloc((size_t)plan[a] * sizeof(*entries));
-        if (!entries) {
-            for (uint64_t k = 0; k < a; k++)
-                free(table->chunks[table->n_chunks + k].entries);
-            free(plan);
-            return sl_fail(ENOMEM, SL_REASON_NO_MEMORY, 0, 0);
-        }
-        table->chunks[table->n_chunks + a] = (struct sg_chunk){entries, plan[a]};
-    }
+    int err = chunks_get(table, plan, n_allocs, table->chunks + table->n_chunks);
     free(plan);
+    if (err)
+        return err;
 
-    /* Nothing can fail from here on. */
+    /* Nothing can fail from here on.  Each slot is written whole when it is used, and the
+     * unused tail of the last chunk is initialised at the end, so every byte of a chunk is
+     * written once (the kernel zeroes whole chunks first; the result is the same). */
     struct scatterlist *s = table->prv;
     if (merged)
         s->length = (uint32_t)merged_length;
-    cursor = (struct fill_cursor){table->prv != NULL, table->prv_slot,
-                                  table->n_chunks ? table->chunks[table->n_chunks - 1].n_slots : 0};
+    cursor = start_cursor;
+    struct sg_chunk *chunk = table->n_chunks ? &table->chunks[table->n_chunks - 1] : NULL;
     uint64_t remaining_size = size_bytes;
     uint32_t entry_offset = offset;
     uint64_t cur_page = merged;
     for (uint64_t i = 0; i < chunks; i++) {
-        uint64_t seg_end = segment_end(table, pfns, cur_page, n_pages);
         uint32_t alloc_size = next_slot_alloc_size(table, &cursor, chunks - i + left_pages);
         if (alloc_size) {
-            struct sg_chunk *chunk = &table->chunks[table->n_chunks++];
-            memset(chunk->entries, 0, (size_t)chunk->n_slots * sizeof(*chunk->entries));
-            sg_mark_end(&chunk->entries[chunk->n_slots - 1]);
+            struct sg_chunk *fresh = &table->chunks[table->n_chunks++];
             if (s) {
                 /* The slot after s was the old chunk's last: it becomes the link. */
-                sg_make_chain_link(s + 1, chunk->entries);
+                sg_make_chain_link(s + 1, fresh->entries);
                 table->total_nents += alloc_size - 1;
             } else {
-                table->sgt.sgl = chunk->entries;
+                table->sgt.sgl = fresh->entries;
                 table->total_nents = alloc_size;
             }
-            s = chunk->entries;
+            chunk = fresh;
+            s = fresh->entries;
         } else {
-            s = sg_next(s);
+            s = s + 1; /* sg_next: the next slot is neither the end nor a link here */
         }
         cursor_advance(&cursor, alloc_size);
+        uint64_t seg_end = segment_end(table, pfns, cur_page, n_pages);
         uint32_t chunk_bytes = (uint32_t)(((seg_end - cur_page) << table->page_shift) - entry_offset);
         uint64_t entry_length = remaining_size < chunk_bytes ? remaining_size : chunk_bytes;
-        sg_set_page(s, pfns[cur_page], (uint32_t)entry_length, entry_offset);
+        /* A chunk's last slot keeps the end mark sg_init_table gave it. */
+        uint64_t end_mark = cursor.slot == chunk->n_slots - 1 ? SG_END : 0;
+        *s = (struct scatterlist){.page_link = (pfns[cur_page] << 2) | end_mark,
+                                  .offset = entry_offset,
+                                  .length = (uint32_t)entry_length};
         remaining_size -= entry_length;
         entry_offset = 0;
         cur_page = seg_end;
+    }
+    if (chunks && cursor.slot + 1 < chunk->n_slots) {
+        /* The unused tail of the last chunk, as sg_init_table leaves it. */
+        memset(s + 1, 0, (size_t)(chunk->n_slots - 1 - cursor.slot) * sizeof(*s));
+        sg_mark_end(&chunk->entries[chunk->n_slots - 1]);
     }
     table->sgt.nents += (uint32_t)chunks;
     table->sgt.orig_nents = table->sgt.nents;

@@ -98,4 +98,8 @@ uint64_t sl_table_page_pfns(const struct sl_table *table, uint64_t start_pgoffse
 int sg_copy_buffer(const struct sl_table *table, struct physmem *mem, void *buf,
                    uint64_t buflen, uint64_t skip, int to_buffer, uint64_t *copied_out);
 
+/* Bytes of freed full chunks kept for reuse, and a way to give them back (tests, leak checks). */
+uint64_t sl_chunk_cache_bytes(void);
+void sl_chunk_cache_drain(void);
+
 #endif

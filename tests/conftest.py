@@ -1,0 +1,47 @@
+"""Every behavioural test runs once per engine: ``native`` (C through cffi) and ``model``."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+import scatterlist as sg
+
+settings.register_profile("ci", max_examples=150, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("fuzz", max_examples=5000, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("SCATTERLIST_HYPOTHESIS_PROFILE", "ci"))
+
+ENGINES = ("native", "model")
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def table_from(engine: str):  # type: ignore[no-untyped-def]
+    """``alloc_table_from_pages`` bound to the engine under test."""
+
+    def build(pfns, **kwargs):  # type: ignore[no-untyped-def]
+        return sg.alloc_table_from_pages(pfns, engine=engine, **kwargs)
+
+    return build
+
+
+@pytest.fixture
+def memory(engine: str):  # type: ignore[no-untyped-def]
+    """A 1 GiB sparse memory with 4 KiB pages on the engine under test."""
+    mem = sg.PhysicalMemory(1 << 30, engine=engine)
+    yield mem
+    for pages in list(mem._open_pages):
+        pages.close()
+    mem.close()
+
+
+def cpu_rows(table: sg.RawTable) -> list[tuple[int, int, int]]:
+    return [(e.pfn, e.offset, e.length) for e in table]
