@@ -37,7 +37,7 @@ class OutOfMemory(ScatterlistError, MemoryError):
     default_errno = _errno.ENOMEM
 
 
-class BusyError(ScatterlistError, OSError):
+class BusyError(ScatterlistError, OSError):  # type: ignore[misc]  # errno is always set
     """An object cannot be closed or changed while others still depend on it."""
 
     default_errno = _errno.EBUSY

@@ -1,0 +1,60 @@
+"""Command line: ``python -m scatterlist bench`` (native against model) and ``demo``."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+from typing import List, Optional
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import DEFAULT_SIZES, LAYOUTS, bench_build, format_table
+
+    sizes = [1_000, 65_536] if args.quick else (args.sizes or list(DEFAULT_SIZES))
+    engines = ["native"] if args.native_only else ["native", "model"]
+    print(f"scatterlist bench: Python {platform.python_version()} on {platform.machine()}, "
+          f"median of up to {args.runs} runs per case", flush=True)
+    results = bench_build(sizes, args.layouts or LAYOUTS, engines, args.runs,
+                          progress=(lambda line: print("  " + line, flush=True))
+                          if args.verbose else (lambda line: None))
+    print(format_table(results))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import scatterlist as sg
+
+    with sg.PhysicalMemory(1 << 30, engine=args.engine) as mem:
+        with mem.alloc_pages(8, "random", seed=3) as pages:
+            print(f"pages: {list(pages.pfns)}")
+            with sg.alloc_table_from_pages(pages.pfns, offset=100, size=8 * 4096 - 200,
+                                           max_segment=3 * 4096, engine=args.engine) as table:
+                print(table)
+                for entry in table:
+                    print(f"  {entry}")
+                print(f"chunks: {table.chunk_slots()}  pages visited: {list(table.pages())}")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m scatterlist")
+    sub = parser.add_subparsers(dest="command", required=True)
+    bench = sub.add_parser("bench", help="time table building, native against model")
+    bench.add_argument("--sizes", type=int, nargs="+", help="page counts (default: "
+                       "1000 65536 1048576)")
+    bench.add_argument("--layouts", nargs="+", choices=["contiguous", "scattered", "random"])
+    bench.add_argument("--runs", type=int, default=15, help="runs per case (median taken)")
+    bench.add_argument("--quick", action="store_true", help="small sizes only")
+    bench.add_argument("--native-only", action="store_true")
+    bench.add_argument("-v", "--verbose", action="store_true")
+    bench.set_defaults(func=cmd_bench)
+    demo = sub.add_parser("demo", help="build a small table and print it")
+    demo.add_argument("--engine", choices=["native", "model"])
+    demo.set_defaults(func=cmd_demo)
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
