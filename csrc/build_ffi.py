@@ -13,11 +13,17 @@ C_SOURCES = [
     "csrc/sl_common.c",
     "csrc/physmem.c",
     "csrc/scatterlist.c",
+    "csrc/iova.c",
+    "csrc/iommu.c",
+    "csrc/dma.c",
 ]
 C_HEADERS = [
     "csrc/sl_common.h",
     "csrc/physmem.h",
     "csrc/scatterlist.h",
+    "csrc/iova.h",
+    "csrc/iommu.h",
+    "csrc/dma.h",
 ]
 
 CDEF = """
@@ -56,6 +62,7 @@ struct scatterlist {
     uint32_t dma_flags;
 };
 struct sg_table { struct scatterlist *sgl; uint32_t nents; uint32_t orig_nents; };
+struct dma_device;
 struct sl_table {
     struct sg_table sgt;
     struct scatterlist *prv;
@@ -68,6 +75,11 @@ struct sl_table {
     int final;
     ...;
     uint64_t n_chunks;
+    struct dma_device *dma_dev;
+    int dma_dir;
+    uint64_t dma_iova;
+    uint64_t dma_iova_len;
+    ...;
 };
 int sl_table_create(uint32_t page_size, uint32_t max_segment_bytes, struct sl_table **out);
 void sl_table_destroy(struct sl_table *table);
@@ -75,6 +87,8 @@ void sl_table_free_entries(struct sl_table *table);
 int sg_alloc_append_table_from_pages(struct sl_table *table, const uint64_t *pfns,
                                      uint64_t n_pages, uint32_t offset, uint64_t size_bytes,
                                      uint64_t left_pages);
+int sg_alloc_table_from_entries(struct sl_table *table, const uint64_t *rows,
+                                uint64_t n_entries);
 struct scatterlist *sg_next(struct scatterlist *sg);
 uint64_t sg_nents(const struct sl_table *table);
 int64_t sg_nents_for_len(const struct sl_table *table, uint64_t len_bytes);
@@ -88,13 +102,84 @@ int sg_copy_buffer(const struct sl_table *table, struct physmem *mem, void *buf,
                    uint64_t buflen, uint64_t skip, int to_buffer, uint64_t *copied_out);
 uint64_t sl_chunk_cache_bytes(void);
 void sl_chunk_cache_drain(void);
+
+/* IOVA allocator */
+#define IOVA_MASK_LIVE ...
+#define IOVA_MASK_RESERVED ...
+#define IOVA_MASK_CACHED ...
+#define IOVA_MASK_ALL ...
+struct iova_range { uint64_t pfn_lo; uint64_t pfn_hi; uint32_t state; uint32_t reserved_pad; };
+struct iova_domain;
+int iova_reserve(struct iova_domain *dom, uint64_t lo_pfn, uint64_t hi_pfn);
+uint64_t iova_live_ranges(const struct iova_domain *dom);
+uint64_t iova_live_granules(const struct iova_domain *dom);
+uint64_t iova_cached_ranges(const struct iova_domain *dom);
+uint64_t iova_ranges(const struct iova_domain *dom, uint64_t from_pfn, uint32_t state_mask,
+                     struct iova_range *out, uint64_t capacity);
+void iova_flush_rcache(struct iova_domain *dom);
+int iova_check(const struct iova_domain *dom);
+
+/* IOMMU domain */
+#define IOMMU_READ ...
+#define IOMMU_WRITE ...
+#define IOMMU_PROT_MASK ...
+#define IOMMU_FAULT_LOG_SIZE ...
+struct iommu_fault { uint64_t seq; uint64_t iova; uint32_t access; uint32_t reason;
+                     uint32_t prot; uint32_t reserved_pad; };
+struct iommu_domain;
+int iommu_map(struct iommu_domain *dom, uint64_t iova, uint64_t phys, uint64_t size_bytes,
+              uint32_t prot);
+int64_t iommu_unmap(struct iommu_domain *dom, uint64_t iova, uint64_t size_bytes);
+int iommu_translate(struct iommu_domain *dom, uint64_t iova, uint32_t access,
+                    uint64_t *phys_out);
+int iommu_lookup(const struct iommu_domain *dom, uint64_t iova, uint64_t *phys_out,
+                 uint32_t *prot_out);
+uint64_t iommu_aperture_last(const struct iommu_domain *dom);
+uint64_t iommu_mapped_pages(const struct iommu_domain *dom);
+uint64_t iommu_fault_total(const struct iommu_domain *dom);
+uint32_t iommu_fault_count(const struct iommu_domain *dom);
+uint32_t iommu_faults_read(const struct iommu_domain *dom, struct iommu_fault *out,
+                           uint32_t capacity);
+void iommu_faults_clear(struct iommu_domain *dom);
+
+/* DMA */
+struct sl_iommu;
+int sl_iommu_create(uint32_t granule_bytes, unsigned aperture_bits, struct sl_iommu **out);
+void sl_iommu_destroy(struct sl_iommu *iommu);
+struct iommu_domain *sl_iommu_domain(struct sl_iommu *iommu);
+struct iova_domain *sl_iommu_iovad(struct sl_iommu *iommu);
+void sl_iommu_lock(struct sl_iommu *iommu);
+void sl_iommu_unlock(struct sl_iommu *iommu);
+struct dma_device {
+    struct physmem *mem;
+    struct sl_iommu *iommu;
+    uint64_t dma_mask;
+    uint32_t max_segment_size;
+    uint64_t seg_boundary_mask;
+    uint64_t max_mapping_size;
+    int pci_32bit_workaround;
+    int bound;
+    uint64_t live_mappings;
+};
+int dma_device_create(struct physmem *mem, struct sl_iommu *iommu, struct dma_device **out);
+void dma_device_destroy(struct dma_device *dev);
+int dma_map_sgtable(struct dma_device *dev, struct sl_table *table, int dir);
+int dma_unmap_sgtable(struct dma_device *dev, struct sl_table *table, int dir);
+int dma_sync_sgtable(struct dma_device *dev, struct sl_table *table, int dir, int for_cpu);
+int dma_device_read(struct dma_device *dev, uint64_t dma_addr, void *buf, uint64_t n_bytes);
+int dma_device_write(struct dma_device *dev, uint64_t dma_addr, const void *buf,
+                     uint64_t n_bytes);
+int dma_device_read_sg(struct dma_device *dev, const struct sl_table *table, void *buf,
+                       uint64_t n_bytes);
+int dma_device_write_sg(struct dma_device *dev, const struct sl_table *table, const void *buf,
+                        uint64_t n_bytes);
 """
 
 ffibuilder = cffi.FFI()
 ffibuilder.cdef(CDEF)
 ffibuilder.set_source(
     "scatterlist._sg",
-    '#include "sl_common.h"\n#include "physmem.h"\n#include "scatterlist.h"\n',
+    '#include "sl_common.h"\n#include "physmem.h"\n#include "scatterlist.h"\n#include "dma.h"\n',
     sources=C_SOURCES,
     include_dirs=["csrc"],
     depends=C_HEADERS,

@@ -228,6 +228,91 @@ static inline void cursor_advance(struct fill_cursor *cur, uint32_t alloc_size)
     }
 }
 
+/* Plans the slot decisions for n_entries new entries (a dry run of the fill), then gets every
+ * chunk they need before the table is touched: a failed allocation leaves it as it was.
+ * *cursor_out is where the fill starts. */
+static int reserve_chunks(struct sl_table *table, uint64_t n_entries, uint64_t left_pages,
+                          struct fill_cursor *cursor_out)
+{
+    struct fill_cursor cursor = {table->prv != NULL, table->prv_slot,
+                                 table->n_chunks ? table->chunks[table->n_chunks - 1].n_slots : 0};
+    *cursor_out = cursor;
+    uint64_t max_allocs = n_entries / (table->chunk_entries - 1) + 2;
+    uint32_t *plan = malloc(max_allocs * sizeof(*plan));
+    if (!plan)
+        return sl_fail(ENOMEM, SL_REASON_NO_MEMORY, 0, 0);
+    uint64_t n_allocs = 0;
+    for (uint64_t i = 0; i < n_entries; i++) {
+        uint32_t alloc_size = next_slot_alloc_size(table, &cursor, n_entries - i + left_pages);
+        if (alloc_size)
+            plan[n_allocs++] = alloc_size;
+        cursor_advance(&cursor, alloc_size);
+    }
+    if (table->n_chunks + n_allocs > table->chunks_capacity) {
+        uint64_t capacity = table->chunks_capacity ? table->chunks_capacity : 4;
+        while (capacity < table->n_chunks + n_allocs)
+            capacity *= 2;
+        struct sg_chunk *grown = realloc(table->chunks, capacity * sizeof(*grown));
+        if (!grown) {
+            free(plan);
+            return sl_fail(ENOMEM, SL_REASON_NO_MEMORY, 0, 0);
+        }
+        table->chunks = grown;
+        table->chunks_capacity = capacity;
+    }
+    int err = chunks_get(table, plan, n_allocs, table->chunks + table->n_chunks);
+    free(plan);
+    return err;
+}
+
+/* The slot for the next entry after s (NULL: none yet), taking the next reserved chunk where
+ * the kernel's get_next_sg would allocate one.  *end_mark_out is SG_END for a chunk's last
+ * slot, which keeps the mark sg_init_table gave it.  Slots are written whole by the caller, so
+ * every byte of a chunk is written once (the kernel zeroes whole chunks first; the result is
+ * the same). */
+static struct scatterlist *take_slot(struct sl_table *table, struct fill_cursor *cursor,
+                                     struct scatterlist *s, uint64_t needed,
+                                     uint64_t *end_mark_out)
+{
+    uint32_t alloc_size = next_slot_alloc_size(table, cursor, needed);
+    if (alloc_size) {
+        struct sg_chunk *fresh = &table->chunks[table->n_chunks++];
+        if (s) {
+            /* The slot after s was the old chunk's last: it becomes the link. */
+            sg_make_chain_link(s + 1, fresh->entries);
+            table->total_nents += alloc_size - 1;
+        } else {
+            table->sgt.sgl = fresh->entries;
+            table->total_nents = alloc_size;
+        }
+        s = fresh->entries;
+    } else {
+        s = s + 1; /* sg_next: the next slot is neither the end nor a link here */
+    }
+    cursor_advance(cursor, alloc_size);
+    *end_mark_out = cursor->slot == cursor->n_slots - 1 ? SG_END : 0;
+    return s;
+}
+
+/* After n_added entries ending at s: initialise the unused tail of the last chunk as
+ * sg_init_table leaves it, update the counters, and mark the end if the call was final. */
+static void finish_fill(struct sl_table *table, const struct fill_cursor *cursor,
+                        struct scatterlist *s, uint64_t n_added, uint64_t left_pages)
+{
+    if (n_added && cursor->slot + 1 < cursor->n_slots) {
+        memset(s + 1, 0, (size_t)(cursor->n_slots - 1 - cursor->slot) * sizeof(*s));
+        sg_mark_end(s + (cursor->n_slots - 1 - cursor->slot));
+    }
+    table->sgt.nents += (uint32_t)n_added;
+    table->sgt.orig_nents = table->sgt.nents;
+    table->prv = s;
+    table->prv_slot = cursor->slot;
+    if (left_pages == 0) {
+        sg_mark_end(s);
+        table->final = 1;
+    }
+}
+
 int sg_alloc_append_table_from_pages(struct sl_table *table, const uint64_t *pfns,
                                      uint64_t n_pages, uint32_t offset, uint64_t size_bytes,
                                      uint64_t left_pages)
@@ -235,6 +320,8 @@ int sg_alloc_append_table_from_pages(struct sl_table *table, const uint64_t *pfn
     const uint64_t page_size = table->page_size;
     if (table->final)
         return sl_fail(EINVAL, SL_REASON_TABLE_FINAL, 0, 0);
+    if (table->dma_dev)
+        return sl_fail(EBUSY, SL_REASON_TABLE_MAPPED, 0, 0);
     if (n_pages == 0)
         return sl_fail(EINVAL, SL_REASON_ZERO_PAGES, 0, 0);
     if (table->prv && offset != 0)
@@ -295,36 +382,8 @@ int sg_alloc_append_table_from_pages(struct sl_table *table, const uint64_t *pfn
     if ((uint64_t)table->total_nents + chunks + table->chunk_entries > UINT32_MAX)
         return sl_fail(EINVAL, SL_REASON_TOO_MANY_ENTRIES, 0, chunks);
 
-    /* Dry run of the slot decisions, then get every chunk they need before touching the
-     * table: a failed allocation leaves it exactly as it was. */
-    struct fill_cursor cursor = {table->prv != NULL, table->prv_slot,
-                                 table->n_chunks ? table->chunks[table->n_chunks - 1].n_slots : 0};
-    const struct fill_cursor start_cursor = cursor;
-    uint64_t max_allocs = chunks / (table->chunk_entries - 1) + 2;
-    uint32_t *plan = malloc(max_allocs * sizeof(*plan));
-    if (!plan)
-        return sl_fail(ENOMEM, SL_REASON_NO_MEMORY, 0, 0);
-    uint64_t n_allocs = 0;
-    for (uint64_t i = 0; i < chunks; i++) {
-        uint32_t alloc_size = next_slot_alloc_size(table, &cursor, chunks - i + left_pages);
-        if (alloc_size)
-            plan[n_allocs++] = alloc_size;
-        cursor_advance(&cursor, alloc_size);
-    }
-    if (table->n_chunks + n_allocs > table->chunks_capacity) {
-        uint64_t capacity = table->chunks_capacity ? table->chunks_capacity : 4;
-        while (capacity < table->n_chunks + n_allocs)
-            capacity *= 2;
-        struct sg_chunk *grown = realloc(table->chunks, capacity * sizeof(*grown));
-        if (!grown) {
-            free(plan);
-            return sl_fail(ENOMEM, SL_REASON_NO_MEMORY, 0, 0);
-        }
-        table->chunks = grown;
-        table->chunks_capacity = capacity;
-    }
-    int err = chunks_get(table, plan, n_allocs, table->chunks + table->n_chunks);
-    free(plan);
+    struct fill_cursor cursor;
+    int err = reserve_chunks(table, chunks, left_pages, &cursor);
     if (err)
         return err;
 
@@ -334,34 +393,15 @@ int sg_alloc_append_table_from_pages(struct sl_table *table, const uint64_t *pfn
     struct scatterlist *s = table->prv;
     if (merged)
         s->length = (uint32_t)merged_length;
-    cursor = start_cursor;
-    struct sg_chunk *chunk = table->n_chunks ? &table->chunks[table->n_chunks - 1] : NULL;
     uint64_t remaining_size = size_bytes;
     uint32_t entry_offset = offset;
     uint64_t cur_page = merged;
     for (uint64_t i = 0; i < chunks; i++) {
-        uint32_t alloc_size = next_slot_alloc_size(table, &cursor, chunks - i + left_pages);
-        if (alloc_size) {
-            struct sg_chunk *fresh = &table->chunks[table->n_chunks++];
-            if (s) {
-                /* The slot after s was the old chunk's last: it becomes the link. */
-                sg_make_chain_link(s + 1, fresh->entries);
-                table->total_nents += alloc_size - 1;
-            } else {
-                table->sgt.sgl = fresh->entries;
-                table->total_nents = alloc_size;
-            }
-            chunk = fresh;
-            s = fresh->entries;
-        } else {
-            s = s + 1; /* sg_next: the next slot is neither the end nor a link here */
-        }
-        cursor_advance(&cursor, alloc_size);
+        uint64_t end_mark;
+        s = take_slot(table, &cursor, s, chunks - i + left_pages, &end_mark);
         uint64_t seg_end = segment_end(table, pfns, cur_page, n_pages);
         uint32_t chunk_bytes = (uint32_t)(((seg_end - cur_page) << table->page_shift) - entry_offset);
         uint64_t entry_length = remaining_size < chunk_bytes ? remaining_size : chunk_bytes;
-        /* A chunk's last slot keeps the end mark sg_init_table gave it. */
-        uint64_t end_mark = cursor.slot == chunk->n_slots - 1 ? SG_END : 0;
         *s = (struct scatterlist){.page_link = (pfns[cur_page] << 2) | end_mark,
                                   .offset = entry_offset,
                                   .length = (uint32_t)entry_length};
@@ -369,19 +409,42 @@ int sg_alloc_append_table_from_pages(struct sl_table *table, const uint64_t *pfn
         entry_offset = 0;
         cur_page = seg_end;
     }
-    if (chunks && cursor.slot + 1 < chunk->n_slots) {
-        /* The unused tail of the last chunk, as sg_init_table leaves it. */
-        memset(s + 1, 0, (size_t)(chunk->n_slots - 1 - cursor.slot) * sizeof(*s));
-        sg_mark_end(&chunk->entries[chunk->n_slots - 1]);
+    finish_fill(table, &cursor, s, chunks, left_pages);
+    return 0;
+}
+
+int sg_alloc_table_from_entries(struct sl_table *table, const uint64_t *rows,
+                                uint64_t n_entries)
+{
+    if (table->final || table->prv)
+        return sl_fail(EINVAL, SL_REASON_TABLE_FINAL, 0, 0);
+    if (n_entries == 0)
+        return sl_fail(EINVAL, SL_REASON_ZERO_PAGES, 0, 0);
+    const uint64_t pfn_limit = max_pfn(table->page_shift);
+    for (uint64_t i = 0; i < n_entries; i++) {
+        const uint64_t *row = rows + 3 * i;
+        if (row[0] > pfn_limit)
+            return sl_fail(EINVAL, SL_REASON_PFN_RANGE, i, row[0]);
+        if (row[1] > UINT32_MAX)
+            return sl_fail(EINVAL, SL_REASON_OFFSET, i, row[1]);
+        if (row[2] == 0 || row[2] > UINT32_MAX)
+            return sl_fail(EINVAL, SL_REASON_ENTRY_LENGTH, i, row[2]);
     }
-    table->sgt.nents += (uint32_t)chunks;
-    table->sgt.orig_nents = table->sgt.nents;
-    table->prv = s;
-    table->prv_slot = cursor.slot;
-    if (left_pages == 0) {
-        sg_mark_end(s);
-        table->final = 1;
+    if (n_entries + table->chunk_entries > UINT32_MAX)
+        return sl_fail(EINVAL, SL_REASON_TOO_MANY_ENTRIES, 0, n_entries);
+    struct fill_cursor cursor;
+    int err = reserve_chunks(table, n_entries, 0, &cursor);
+    if (err)
+        return err;
+    struct scatterlist *s = NULL;
+    for (uint64_t i = 0; i < n_entries; i++) {
+        uint64_t end_mark;
+        s = take_slot(table, &cursor, s, n_entries - i, &end_mark);
+        *s = (struct scatterlist){.page_link = (rows[3 * i] << 2) | end_mark,
+                                  .offset = (uint32_t)rows[3 * i + 1],
+                                  .length = (uint32_t)rows[3 * i + 2]};
     }
+    finish_fill(table, &cursor, s, n_entries, 0);
     return 0;
 }
 

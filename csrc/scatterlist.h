@@ -36,6 +36,8 @@ struct sg_table {
     uint32_t orig_nents; /* CPU entries holding pages */
 };
 
+struct dma_device;
+
 struct sg_chunk {
     struct scatterlist *entries;
     uint32_t n_slots;
@@ -55,6 +57,12 @@ struct sl_table {
     struct sg_chunk *chunks;     /* every entry array, in chain order */
     uint64_t n_chunks;
     uint64_t chunks_capacity;
+    /* DMA mapping state, kept by dma.c: the device the table is mapped for (NULL when not
+     * mapped), the direction, and the IOVA block (0/0 for direct mapping). */
+    struct dma_device *dma_dev;
+    int dma_dir;
+    uint64_t dma_iova;
+    uint64_t dma_iova_len;
 };
 
 /* Creates an empty table.  max_segment_bytes is rounded down to whole pages and must leave at
@@ -63,7 +71,7 @@ int sl_table_create(uint32_t page_size, uint32_t max_segment_bytes, struct sl_ta
 /* Frees the entry chunks and the table itself. */
 void sl_table_destroy(struct sl_table *table);
 /* Frees the entry chunks (the kernel's sg_free_table); counters stay as they were, as in the
- * kernel.  A second call does nothing. */
+ * kernel.  A second call does nothing.  The caller unmaps a mapped table first. */
 void sl_table_free_entries(struct sl_table *table);
 
 /* sg_alloc_append_table_from_pages: adds n_pages pages, merging into the previous entry where
@@ -73,6 +81,11 @@ void sl_table_free_entries(struct sl_table *table);
 int sg_alloc_append_table_from_pages(struct sl_table *table, const uint64_t *pfns,
                                      uint64_t n_pages, uint32_t offset, uint64_t size_bytes,
                                      uint64_t left_pages);
+
+/* sg_alloc_table(n_entries) followed by sg_set_page on each entry, as drivers build tables by
+ * hand: rows holds (pfn, offset, length) per entry, length >= 1.  The table becomes final. */
+int sg_alloc_table_from_entries(struct sl_table *table, const uint64_t *rows,
+                                uint64_t n_entries);
 
 struct scatterlist *sg_next(struct scatterlist *sg);
 /* Entries reachable from the first one with sg_next (stops at SG_END). */

@@ -7,13 +7,16 @@ constructors also take ``engine=``.  ``scatterlist.engine`` names the default in
 
 from __future__ import annotations
 
-from enum import IntEnum
-
 from . import _engine
-from .errors import (BusyError, ClosedError, InvalidArgument, OutOfMemory, Reason,
-                     ScatterlistError)
+from .device import (DMA_BIT_MASK, Device, dma_map_sgtable, dma_sync_sgtable_for_cpu,
+                     dma_sync_sgtable_for_device, dma_unmap_sgtable)
+from .errors import (BusyError, ClosedError, DeviceUnbound, InvalidArgument, IommuFault,
+                     MappingError, OutOfMemory, Reason, ScatterlistError)
+from .iommu import IOMMU_READ, IOMMU_WRITE, FaultRecord, Iommu, IovaRange
 from .memory import PAGE_SIZE, Pages, PhysicalMemory
-from .table import MAX_SEGMENT_UNLIMITED, RawTable, SGEntry, alloc_table_from_pages
+from .sgtable import Borrowed, Owned, SGTable
+from .table import (MAX_SEGMENT_UNLIMITED, DataDirection, RawTable, SGEntry,
+                    alloc_table_from_entries, alloc_table_from_pages)
 
 __version__ = "0.1.0"
 
@@ -24,17 +27,14 @@ engine: str = _engine.default_engine_name()
 _engine.get_engine(engine)
 
 
-class DataDirection(IntEnum):
-    """The kernel's ``enum dma_data_direction``."""
-
-    BIDIRECTIONAL = 0
-    TO_DEVICE = 1
-    FROM_DEVICE = 2
-    NONE = 3
-
-
 __all__ = [
     "PAGE_SIZE", "MAX_SEGMENT_UNLIMITED", "DataDirection", "engine",
     "PhysicalMemory", "Pages", "RawTable", "SGEntry", "alloc_table_from_pages",
-    "ScatterlistError", "InvalidArgument", "OutOfMemory", "BusyError", "ClosedError", "Reason",
+    "alloc_table_from_entries",
+    "Iommu", "IOMMU_READ", "IOMMU_WRITE", "FaultRecord", "IovaRange",
+    "Device", "DMA_BIT_MASK", "dma_map_sgtable", "dma_unmap_sgtable",
+    "dma_sync_sgtable_for_cpu", "dma_sync_sgtable_for_device",
+    "SGTable", "Owned", "Borrowed",
+    "ScatterlistError", "InvalidArgument", "OutOfMemory", "BusyError", "ClosedError",
+    "DeviceUnbound", "MappingError", "IommuFault", "Reason",
 ]

@@ -69,6 +69,9 @@ class Engine(Protocol):
         """An empty append table; max_segment_bytes is rounded down to whole pages
         (0xFFFFFFFF means no limit)."""
 
+    def table_address(self, table: Any) -> int:
+        """A number identifying the table while it lives (its C address for native)."""
+
     def table_destroy(self, table: Any) -> None:
         """Frees the entries and the handle."""
 
@@ -78,6 +81,10 @@ class Engine(Protocol):
     def table_append(self, table: Any, pfns: memoryview, offset: int, size_bytes: int,
                      left_pages: int) -> None:
         """sg_alloc_append_table_from_pages with the rules of csrc/scatterlist.c."""
+
+    def table_set_entries(self, table: Any, rows: memoryview) -> None:
+        """sg_alloc_table + sg_set_page per entry on an empty table: rows is a flat "Q" view
+        of (pfn, offset, length) triples (sg_alloc_table_from_entries in C)."""
 
     def table_counts(self, table: Any) -> Tuple[int, int, int, bool]:
         """(nents, orig_nents, total_nents, final)."""
@@ -104,6 +111,68 @@ class Engine(Protocol):
                    to_buffer: bool) -> int:
         """sg_copy_buffer over orig_nents entries; buf is writable when to_buffer.  Returns the
         bytes copied."""
+
+    # -- IOMMU (csrc/iommu.c + csrc/iova.c behind csrc/dma.c's sl_iommu) -------------------
+    def iommu_create(self, granule: int, aperture_bits: int) -> Any:
+        """An IOMMU domain with its IOVA allocator (start pfn 1, one depot magazine)."""
+
+    def iommu_destroy(self, iommu: Any) -> None: ...
+
+    def iommu_map(self, iommu: Any, iova: int, phys: int, size_bytes: int, prot: int) -> None:
+        """iommu_map: all or nothing."""
+
+    def iommu_unmap(self, iommu: Any, iova: int, size_bytes: int) -> int:
+        """iommu_unmap: bytes unmapped, stopping at the first unmapped page."""
+
+    def iommu_translate(self, iommu: Any, iova: int, access: int) -> int:
+        """Physical address for a one-byte device access (1 read, 2 write); a fault is logged
+        and raised as IommuFault."""
+
+    def iommu_lookup(self, iommu: Any, iova: int) -> Optional[Tuple[int, int]]:
+        """(phys, prot) of a mapped page, else None; never a fault."""
+
+    def iommu_faults(self, iommu: Any) -> List[Tuple[int, int, int, int, int]]:
+        """The held fault records, oldest first: (seq, iova, access, reason, prot)."""
+
+    def iommu_clear_faults(self, iommu: Any) -> None: ...
+
+    def iommu_info(self, iommu: Any) -> Tuple[int, int, int, int]:
+        """(mapped_pages, fault_total, live IOVA ranges, cached IOVA ranges)."""
+
+    def iommu_iova_ranges(self, iommu: Any, state_mask: int) -> List[Tuple[int, int, int]]:
+        """IOVA ranges (pfn_lo, pfn_hi, state) whose state bit is in state_mask, ascending."""
+
+    def iommu_reserve(self, iommu: Any, lo_pfn: int, hi_pfn: int) -> None: ...
+
+    # -- devices and DMA mapping (csrc/dma.c) ---------------------------------------------
+    def device_create(self, mem: Any, iommu: Optional[Any]) -> Any:
+        """A bound device with the kernel's defaults."""
+
+    def device_destroy(self, dev: Any) -> None: ...
+
+    def device_get(self, dev: Any, field: str) -> int:
+        """One of dma_mask, max_segment_size, seg_boundary_mask, max_mapping_size,
+        pci_32bit_workaround, bound, live_mappings."""
+
+    def device_set(self, dev: Any, field: str, value: int) -> None: ...
+
+    def dma_map(self, dev: Any, table: Any, direction: int) -> None:
+        """dma_map_sgtable."""
+
+    def dma_unmap(self, dev: Any, table: Any, direction: int) -> None: ...
+
+    def dma_sync(self, dev: Any, table: Any, direction: int, for_cpu: bool) -> None: ...
+
+    def table_mapping(self, table: Any) -> Optional[Tuple[int, int, int]]:
+        """(direction, iova, iova_len) while mapped (iova 0 for direct mapping), else None."""
+
+    def dma_read(self, dev: Any, dma_addr: int, n_bytes: int) -> bytes: ...
+
+    def dma_write(self, dev: Any, dma_addr: int, data: memoryview) -> None: ...
+
+    def dma_read_sg(self, dev: Any, table: Any, n_bytes: int) -> bytes: ...
+
+    def dma_write_sg(self, dev: Any, table: Any, data: memoryview) -> None: ...
 
 
 _cache: Dict[str, Engine] = {}

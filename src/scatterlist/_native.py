@@ -8,7 +8,7 @@ out in one bulk call per table rather than one call per entry.
 from __future__ import annotations
 
 from array import array
-from typing import Any, List, Tuple
+from typing import Any, List, Optional, Tuple
 
 try:
     from ._sg import ffi, lib
@@ -77,6 +77,9 @@ class NativeEngine:
         _check(lib.sl_table_create(page_size, max_segment_bytes, out))
         return ffi.gc(out[0], lib.sl_table_destroy)
 
+    def table_address(self, table: Any) -> int:
+        return int(ffi.cast("uintptr_t", table))
+
     def table_destroy(self, table: Any) -> None:
         ffi.release(table)
 
@@ -88,6 +91,10 @@ class NativeEngine:
         _check(lib.sg_alloc_append_table_from_pages(
             table, ffi.from_buffer("uint64_t[]", pfns), len(pfns), offset, size_bytes,
             left_pages))
+
+    def table_set_entries(self, table: Any, rows: memoryview) -> None:
+        _check(lib.sg_alloc_table_from_entries(table, ffi.from_buffer("uint64_t[]", rows),
+                                               len(rows) // 3))
 
     def table_counts(self, table: Any) -> Tuple[int, int, int, bool]:
         return (table.sgt.nents, table.sgt.orig_nents, table.total_nents, bool(table.final))
@@ -126,3 +133,137 @@ class NativeEngine:
         c_buf = ffi.from_buffer(buf, require_writable=to_buffer)
         _check(lib.sg_copy_buffer(table, mem, c_buf, len(buf), skip, int(to_buffer), copied))
         return int(copied[0])
+
+    # -- IOMMU ------------------------------------------------------------------------------
+    def iommu_create(self, granule: int, aperture_bits: int) -> Any:
+        out = ffi.new("struct sl_iommu **")
+        _check(lib.sl_iommu_create(granule, aperture_bits, out))
+        return ffi.gc(out[0], lib.sl_iommu_destroy)
+
+    def iommu_destroy(self, iommu: Any) -> None:
+        ffi.release(iommu)
+
+    def iommu_map(self, iommu: Any, iova: int, phys: int, size_bytes: int, prot: int) -> None:
+        lib.sl_iommu_lock(iommu)
+        try:
+            _check(lib.iommu_map(lib.sl_iommu_domain(iommu), iova, phys, size_bytes, prot))
+        finally:
+            lib.sl_iommu_unlock(iommu)
+
+    def iommu_unmap(self, iommu: Any, iova: int, size_bytes: int) -> int:
+        lib.sl_iommu_lock(iommu)
+        try:
+            return _check(lib.iommu_unmap(lib.sl_iommu_domain(iommu), iova, size_bytes))
+        finally:
+            lib.sl_iommu_unlock(iommu)
+
+    def iommu_translate(self, iommu: Any, iova: int, access: int) -> int:
+        phys = ffi.new("uint64_t *")
+        lib.sl_iommu_lock(iommu)
+        try:
+            _check(lib.iommu_translate(lib.sl_iommu_domain(iommu), iova, access, phys))
+        finally:
+            lib.sl_iommu_unlock(iommu)
+        return int(phys[0])
+
+    def iommu_lookup(self, iommu: Any, iova: int) -> Optional[Tuple[int, int]]:
+        phys = ffi.new("uint64_t *")
+        prot = ffi.new("uint32_t *")
+        lib.sl_iommu_lock(iommu)
+        try:
+            found = lib.iommu_lookup(lib.sl_iommu_domain(iommu), iova, phys, prot)
+        finally:
+            lib.sl_iommu_unlock(iommu)
+        return (int(phys[0]), int(prot[0])) if found else None
+
+    def iommu_faults(self, iommu: Any) -> List[Tuple[int, int, int, int, int]]:
+        records = ffi.new("struct iommu_fault[]", lib.IOMMU_FAULT_LOG_SIZE)
+        lib.sl_iommu_lock(iommu)
+        try:
+            count = lib.iommu_faults_read(lib.sl_iommu_domain(iommu), records,
+                                          lib.IOMMU_FAULT_LOG_SIZE)
+        finally:
+            lib.sl_iommu_unlock(iommu)
+        return [(r.seq, r.iova, r.access, r.reason, r.prot) for r in records[0:count]]
+
+    def iommu_clear_faults(self, iommu: Any) -> None:
+        lib.sl_iommu_lock(iommu)
+        lib.iommu_faults_clear(lib.sl_iommu_domain(iommu))
+        lib.sl_iommu_unlock(iommu)
+
+    def iommu_info(self, iommu: Any) -> Tuple[int, int, int, int]:
+        lib.sl_iommu_lock(iommu)
+        try:
+            domain, iovad = lib.sl_iommu_domain(iommu), lib.sl_iommu_iovad(iommu)
+            return (lib.iommu_mapped_pages(domain), lib.iommu_fault_total(domain),
+                    lib.iova_live_ranges(iovad), lib.iova_cached_ranges(iovad))
+        finally:
+            lib.sl_iommu_unlock(iommu)
+
+    def iommu_iova_ranges(self, iommu: Any, state_mask: int) -> List[Tuple[int, int, int]]:
+        ranges: List[Tuple[int, int, int]] = []
+        batch = ffi.new("struct iova_range[]", 256)
+        from_pfn = 0
+        lib.sl_iommu_lock(iommu)
+        try:
+            while True:
+                count = lib.iova_ranges(lib.sl_iommu_iovad(iommu), from_pfn, state_mask,
+                                        batch, 256)
+                ranges.extend((r.pfn_lo, r.pfn_hi, r.state) for r in batch[0:count])
+                if count < 256:
+                    return ranges
+                from_pfn = batch[count - 1].pfn_hi + 1
+        finally:
+            lib.sl_iommu_unlock(iommu)
+
+    def iommu_reserve(self, iommu: Any, lo_pfn: int, hi_pfn: int) -> None:
+        lib.sl_iommu_lock(iommu)
+        try:
+            _check(lib.iova_reserve(lib.sl_iommu_iovad(iommu), lo_pfn, hi_pfn))
+        finally:
+            lib.sl_iommu_unlock(iommu)
+
+    # -- devices and DMA --------------------------------------------------------------------
+    def device_create(self, mem: Any, iommu: Optional[Any]) -> Any:
+        out = ffi.new("struct dma_device **")
+        _check(lib.dma_device_create(mem, ffi.NULL if iommu is None else iommu, out))
+        return ffi.gc(out[0], lib.dma_device_destroy)
+
+    def device_destroy(self, dev: Any) -> None:
+        ffi.release(dev)
+
+    def device_get(self, dev: Any, field: str) -> int:
+        return int(getattr(dev, field))
+
+    def device_set(self, dev: Any, field: str, value: int) -> None:
+        setattr(dev, field, value)
+
+    def dma_map(self, dev: Any, table: Any, direction: int) -> None:
+        _check(lib.dma_map_sgtable(dev, table, direction))
+
+    def dma_unmap(self, dev: Any, table: Any, direction: int) -> None:
+        _check(lib.dma_unmap_sgtable(dev, table, direction))
+
+    def dma_sync(self, dev: Any, table: Any, direction: int, for_cpu: bool) -> None:
+        _check(lib.dma_sync_sgtable(dev, table, direction, int(for_cpu)))
+
+    def table_mapping(self, table: Any) -> Optional[Tuple[int, int, int]]:
+        if table.dma_dev == ffi.NULL:
+            return None
+        return (table.dma_dir, table.dma_iova, table.dma_iova_len)
+
+    def dma_read(self, dev: Any, dma_addr: int, n_bytes: int) -> bytes:
+        buf = ffi.new("uint8_t[]", n_bytes)
+        _check(lib.dma_device_read(dev, dma_addr, buf, n_bytes))
+        return ffi.buffer(buf)[:]
+
+    def dma_write(self, dev: Any, dma_addr: int, data: memoryview) -> None:
+        _check(lib.dma_device_write(dev, dma_addr, ffi.from_buffer(data), len(data)))
+
+    def dma_read_sg(self, dev: Any, table: Any, n_bytes: int) -> bytes:
+        buf = ffi.new("uint8_t[]", n_bytes)
+        _check(lib.dma_device_read_sg(dev, table, buf, n_bytes))
+        return ffi.buffer(buf)[:]
+
+    def dma_write_sg(self, dev: Any, table: Any, data: memoryview) -> None:
+        _check(lib.dma_device_write_sg(dev, table, ffi.from_buffer(data), len(data)))

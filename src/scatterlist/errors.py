@@ -49,6 +49,37 @@ class ClosedError(ScatterlistError, ValueError):
     default_errno = _errno.EBADF
 
 
+class DeviceUnbound(ClosedError):
+    """A mapping requested for a device that is not bound (the kernel's -ENODEV)."""
+
+    default_errno = _errno.ENODEV
+
+
+class MappingError(ScatterlistError, OSError):  # type: ignore[misc]  # errno is always set
+    """DMA mapping failed for a reason retrying will not fix (the kernel's -EIO)."""
+
+    default_errno = _errno.EIO
+
+
+class IommuFault(ScatterlistError, OSError):  # type: ignore[misc]  # errno is always set
+    """A device access the IOMMU (or, without one, the device's reach) does not allow.
+
+    ``iova`` is the faulting device address, ``access`` is ``"read"`` or ``"write"`` (the
+    device reading or writing memory), ``fault_reason`` one of ``"not mapped"``, ``"no
+    permission"``, ``"outside the aperture"``, ``"above the DMA mask"`` or ``"outside
+    memory"``."""
+
+    default_errno = _errno.EFAULT
+
+    def __init__(self, message: str, *, errno: Optional[int] = None,
+                 reason: Optional["Reason"] = None, iova: int = 0, access: str = "read",
+                 fault_reason: str = "") -> None:
+        super().__init__(message, errno=errno, reason=reason)
+        self.iova = iova
+        self.access = access
+        self.fault_reason = fault_reason
+
+
 class Reason(IntEnum):
     """Why a call failed; mirrors ``enum sl_reason`` in csrc/sl_common.h."""
 
@@ -73,6 +104,42 @@ class Reason(IntEnum):
     NENTS_FOR_LEN = 18
     MEMORY_SIZE = 19
     DUPLICATE_PFN = 20
+    TABLE_MAPPED = 21
+    ENTRY_LENGTH = 22
+    GRANULE = 32
+    IOVA_START_PFN = 33
+    IOVA_SIZE = 34
+    IOVA_EXHAUSTED = 35
+    IOVA_RANGE = 36
+    IOVA_BUSY = 37
+    IOVA_NOT_FOUND = 38
+    IOVA_NOT_LIVE = 39
+    IOVA_NOT_START = 40
+    IOVA_SIZE_MISMATCH = 41
+    APERTURE_BITS = 42
+    IOMMU_ALIGN = 43
+    IOMMU_APERTURE = 44
+    IOMMU_PHYS_RANGE = 45
+    IOMMU_PROT = 46
+    IOMMU_MAPPED = 47
+    IOMMU_ACCESS = 48
+    IOMMU_FAULT_NOT_MAPPED = 49
+    IOMMU_FAULT_PERMISSION = 50
+    IOMMU_FAULT_APERTURE = 51
+    IOMMU_RUNS_CAPACITY = 52
+    DMA_DIRECTION = 64
+    DEVICE_UNBOUND = 65
+    TABLE_NOT_FINAL = 66
+    TABLE_FREED = 67
+    NOT_MAPPED = 68
+    WRONG_DEVICE = 69
+    DMA_MASK = 70
+    IOVA_SPACE = 71
+    GRANULE_PAGE = 72
+    DMA_ACCESS_MASK = 73
+    DMA_ACCESS_MEMORY = 74
+    DMA_LENGTH = 75
+    FOREIGN = 76
 
 
 _MESSAGES = {
@@ -104,7 +171,61 @@ _MESSAGES = {
     Reason.MEMORY_SIZE: "size={value} is not a positive multiple of the page size "
                         "(at most 2**52 bytes)",
     Reason.DUPLICATE_PFN: "pfns[{index}]={value} is listed twice",
+    Reason.TABLE_MAPPED: "the table is DMA-mapped: unmap it before changing, remapping or "
+                         "freeing it",
+    Reason.ENTRY_LENGTH: "entries[{index}] has length {value}: an entry holds 1 to 2**32-1 "
+                         "bytes",
+    Reason.GRANULE: "granule={value} is not a power of two between 4096 and 65536",
+    Reason.IOVA_SIZE: "an IOVA range of zero granules",
+    Reason.IOVA_EXHAUSTED: "no free IOVA range of {value} granules fits under the limit",
+    Reason.IOVA_RANGE: "IOVA range ending at pfn {value:#x} is empty or reaches the top",
+    Reason.IOVA_BUSY: "IOVA pfn {value:#x} is in a live mapping",
+    Reason.IOVA_NOT_FOUND: "IOVA pfn {value:#x} is in no allocated range",
+    Reason.IOVA_NOT_LIVE: "IOVA pfn {value:#x} is not a live range (reserved or already freed)",
+    Reason.IOVA_NOT_START: "IOVA pfn {value:#x} is not the start of its range",
+    Reason.IOVA_SIZE_MISMATCH: "IOVA free with size {value} granules, not the allocated size",
+    Reason.APERTURE_BITS: "aperture_bits={value} is not between the granule's bits + 1 and 64",
+    Reason.IOMMU_ALIGN: "address or size {value:#x} is not a multiple of the IOMMU granule",
+    Reason.IOMMU_APERTURE: "IOVA {value:#x} is outside the IOMMU aperture",
+    Reason.IOMMU_PHYS_RANGE: "physical range at {value:#x} wraps past 2**64",
+    Reason.IOMMU_PROT: "prot={value:#x} has unknown permission bits",
+    Reason.IOMMU_MAPPED: "IOVA {value:#x} is already mapped",
+    Reason.IOMMU_ACCESS: "access {value} is neither read nor write",
+    Reason.IOMMU_FAULT_NOT_MAPPED: "IOMMU fault: device {access} at IOVA {value:#x}: not mapped",
+    Reason.IOMMU_FAULT_PERMISSION: "IOMMU fault: device {access} at IOVA {value:#x}: the "
+                                   "mapping does not permit it",
+    Reason.IOMMU_FAULT_APERTURE: "IOMMU fault: device {access} at IOVA {value:#x}: outside "
+                                 "the aperture",
+    Reason.DMA_DIRECTION: "direction={value} is not BIDIRECTIONAL, TO_DEVICE or FROM_DEVICE "
+                          "(DMA_NONE is for debugging only; the kernel BUGs on it)",
+    Reason.DEVICE_UNBOUND: "the device is not bound: no new DMA mappings (-ENODEV)",
+    Reason.TABLE_NOT_FINAL: "the table is still open for appends (left_pages > 0): finish "
+                            "it before mapping",
+    Reason.TABLE_FREED: "the table's entries were freed",
+    Reason.NOT_MAPPED: "the table is not DMA-mapped",
+    Reason.WRONG_DEVICE: "the table is mapped for another device",
+    Reason.DMA_MASK: "entry {index} at physical address {value:#x} is above the device's "
+                     "dma_mask: direct mapping cannot reach it (-EIO)",
+    Reason.IOVA_SPACE: "no IOVA block of {value} bytes under the device's dma_mask (-ENOMEM)",
+    Reason.GRANULE_PAGE: "the IOMMU granule {value} is larger than the memory's page size",
+    Reason.DMA_ACCESS_MASK: "device {access} at {value:#x}: above the device's dma_mask",
+    Reason.DMA_ACCESS_MEMORY: "device {access} at physical {value:#x}: outside the emulated "
+                              "memory",
+    Reason.DMA_LENGTH: "the table's DMA segments hold {index} bytes, fewer than the {value} "
+                       "requested",
+    Reason.FOREIGN: "objects from different memories or IOMMUs cannot be mixed",
 }
+
+_FAULT_REASONS = {
+    Reason.IOMMU_FAULT_NOT_MAPPED: "not mapped",
+    Reason.IOMMU_FAULT_PERMISSION: "no permission",
+    Reason.IOMMU_FAULT_APERTURE: "outside the aperture",
+    Reason.DMA_ACCESS_MASK: "above the DMA mask",
+    Reason.DMA_ACCESS_MEMORY: "outside memory",
+}
+
+#: The IOMMU's access codes (IOMMU_READ / IOMMU_WRITE) as words.
+ACCESS_NAMES = {1: "read", 2: "write"}
 
 _CLASS_BY_ERRNO = {
     _errno.EINVAL: InvalidArgument,
@@ -112,6 +233,10 @@ _CLASS_BY_ERRNO = {
     _errno.ENOMEM: OutOfMemory,
     _errno.EBUSY: BusyError,
     _errno.EBADF: ClosedError,
+    _errno.ENODEV: DeviceUnbound,
+    _errno.EIO: MappingError,
+    _errno.EEXIST: BusyError,
+    _errno.ENOENT: InvalidArgument,
 }
 
 
@@ -125,10 +250,14 @@ def error_for(err: int, reason: int, index: int = 0, value: int = 0,
     except ValueError:
         why = Reason.NONE
     template = _MESSAGES.get(why)
+    access = ACCESS_NAMES.get(index, str(index))
     if template is None:
         text = f"failed with {_errno.errorcode.get(err, str(err))}"
     else:
-        text = template.format(index=index, value=value)
+        text = template.format(index=index, value=value, access=access)
+    if why in _FAULT_REASONS:
+        return IommuFault(f"{where}: {text}" if where else text, errno=err, reason=why,
+                          iova=value, access=access, fault_reason=_FAULT_REASONS[why])
     if why is Reason.NO_MEMORY:
         cls: type[ScatterlistError] = OutOfMemory
     else:

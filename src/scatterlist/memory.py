@@ -32,6 +32,8 @@ class PhysicalMemory:
         self._size_bytes = size_bytes
         self._closed = False
         self._open_pages: "weakref.WeakSet[Pages]" = weakref.WeakSet()
+        # Iommus and Devices built on this memory: it cannot close under them.
+        self._dependents: "weakref.WeakSet[Any]" = weakref.WeakSet()
 
     # -- state --------------------------------------------------------------------------
     @property
@@ -119,6 +121,10 @@ class PhysicalMemory:
         if live:
             raise BusyError(f"PhysicalMemory.close: {len(live)} Pages object(s) from this "
                             f"memory are still open; close them first")
+        users = [user for user in self._dependents if not user.closed]
+        if users:
+            raise BusyError(f"PhysicalMemory.close: {len(users)} Iommu/Device object(s) on "
+                            f"this memory are still open; close them first")
         self._closed = True
         self._engine.memory_destroy(self._handle)
 
@@ -145,6 +151,7 @@ class Pages:
         self._pfns = pfns
         self._size_bytes = size_bytes
         self._closed = False
+        self._owner: Optional[Any] = None  # the SGTable that owns these pages, if any
         memory._open_pages.add(self)
         # Safety net: the finalizer holds the memory handle, so the memory outlives it.
         self._finalizer = weakref.finalize(self, memory._engine.memory_free_pages,
@@ -189,9 +196,12 @@ class Pages:
         return iter(self._pfns.tolist())
 
     def close(self) -> None:
-        """Give the pages back to the memory.  Idempotent."""
+        """Give the pages back to the memory.  Idempotent; ``BusyError`` while an ``SGTable``
+        owns them (close the table instead)."""
         if self._closed:
             return
+        if self._owner is not None:
+            raise BusyError("Pages.close: an SGTable owns these pages; close the SGTable")
         self._closed = True
         self._finalizer()
 

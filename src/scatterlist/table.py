@@ -8,18 +8,90 @@ table is closed or changed, instead of showing stale or freed data.
 
 from __future__ import annotations
 
+import threading
 import weakref
 from array import array
-from typing import Any, Iterator, List, Optional
+from enum import IntEnum
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional
 
 from ._engine import Engine, get_engine
 from ._util import PfnsLike, as_pfn_view, require_range
-from .errors import ClosedError, InvalidArgument, Reason
+from .errors import BusyError, ClosedError, InvalidArgument, Reason
 from .memory import PAGE_SIZE, PhysicalMemory
+
+if TYPE_CHECKING:
+    from .device import Device
 
 #: The kernel's ``UINT_MAX`` segment limit: no limit.
 MAX_SEGMENT_UNLIMITED = 0xFFFFFFFF
 _U64_MAX = (1 << 64) - 1
+
+
+class DataDirection(IntEnum):
+    """The kernel's ``enum dma_data_direction``."""
+
+    BIDIRECTIONAL = 0
+    TO_DEVICE = 1    #: the device reads memory
+    FROM_DEVICE = 2  #: the device writes memory
+    NONE = 3         #: for debugging only: map, unmap and sync refuse it
+
+
+class _Mapping:
+    """One live DMA mapping of a table: what it takes to unmap it, and whether that happened.
+
+    Shared by the table (which unmaps before it frees its entries) and, for owned SGTables,
+    the device's Devres list (which unmaps at unbind): whichever comes first unmaps, once.
+    It holds the device object, so the device (and its IOMMU and memory) outlives it."""
+
+    __slots__ = ("device", "dev_handle", "table_handle", "direction", "live", "revoked",
+                 "lock", "__weakref__")
+
+    def __init__(self, device: "Device", dev_handle: Any, table_handle: Any,
+                 direction: int) -> None:
+        self.device = device
+        self.dev_handle = dev_handle
+        self.table_handle = table_handle
+        self.direction = direction
+        self.live = True
+        self.revoked = False  # unmapped by device unbind rather than by its owner
+        self.lock = threading.Lock()
+
+    def unmap(self, *, by_unbind: bool = False) -> bool:
+        """Unmap unless already unmapped; True if this call did."""
+        with self.lock:
+            if not self.live:
+                return False
+            self.device._engine.dma_unmap(self.dev_handle, self.table_handle, self.direction)
+            self.live = False
+            self.revoked = by_unbind
+            self.device._mappings.discard(self)
+            return True
+
+
+class _TableResources:
+    """What a table's finalizer needs: no reference back to the RawTable object."""
+
+    __slots__ = ("engine", "handle", "mapping")
+
+    def __init__(self, engine: Engine, handle: Any) -> None:
+        self.engine = engine
+        self.handle = handle
+        self.mapping: Optional[_Mapping] = None
+
+
+def _release_table(resources: _TableResources) -> None:
+    """Drop order: the DMA mapping first, then the entries."""
+    mapping = resources.mapping
+    if mapping is not None:
+        try:
+            mapping.unmap()
+        except Exception:  # pragma: no cover - teardown must go on
+            pass
+    resources.engine.table_destroy(resources.handle)
+
+
+#: Native table pointers (and model handles) to their live RawTable, for SGTable.from_raw.
+_live_tables: "weakref.WeakValueDictionary[int, RawTable]" = weakref.WeakValueDictionary()
 
 
 class SGEntry:
@@ -104,8 +176,11 @@ class RawTable:
         self._page_size = page_size
         self._closed = False
         self._epoch = 0
-        # Safety net for tables that are never closed; close() runs it early.
-        self._finalizer = weakref.finalize(self, engine.table_destroy, handle)
+        self._lock = threading.RLock()
+        self._resources = _TableResources(engine, handle)
+        # Safety net for tables that are never closed (unmaps, then frees); close() runs it.
+        self._finalizer = weakref.finalize(self, _release_table, self._resources)
+        _live_tables[engine.table_address(handle)] = self
 
     # -- guards -------------------------------------------------------------------------
     def _require_open(self) -> Any:
@@ -167,8 +242,48 @@ class RawTable:
         handle = self._require_open()
         view = as_pfn_view(pfns)
         size_bytes, left = _size_and_left(view, 0, size, left_pages, self._page_size)
-        self._engine.table_append(handle, view, 0, size_bytes, left)
-        self._changed()
+        with self._lock:
+            self._engine.table_append(handle, view, 0, size_bytes, left)
+            self._changed()
+
+    # -- DMA mapping (device.dma_map_sgtable and friends) -----------------------------
+    @property
+    def mapped(self) -> bool:
+        """True while the table is DMA-mapped."""
+        self._require_open()
+        mapping = self._resources.mapping
+        return mapping is not None and mapping.live
+
+    @property
+    def direction(self) -> Optional[DataDirection]:
+        """The direction of the live mapping, or None."""
+        info = self._engine.table_mapping(self._require_open())
+        return None if info is None else DataDirection(info[0])
+
+    def _map(self, device: "Device", dev_handle: Any, direction: int) -> _Mapping:
+        with self._lock:
+            handle = self._require_open()
+            self._engine.dma_map(dev_handle, handle, direction)
+            mapping = _Mapping(device, dev_handle, handle, direction)
+            self._resources.mapping = mapping
+            device._mappings.add(mapping)
+            self._changed()
+            return mapping
+
+    def _unmap(self, device: "Device", dev_handle: Any, direction: int) -> None:
+        with self._lock:
+            handle = self._require_open()
+            mapping = self._resources.mapping
+            if mapping is not None and mapping.live and mapping.dev_handle is dev_handle:
+                with mapping.lock:
+                    self._engine.dma_unmap(dev_handle, handle, direction)
+                    mapping.live = False
+                    device._mappings.discard(mapping)
+            else:
+                # Not mapped, or mapped for another device: the engine says which.
+                self._engine.dma_unmap(dev_handle, handle, direction)
+            self._resources.mapping = None
+            self._changed()
 
     # -- reading ------------------------------------------------------------------------
     def export_cpu(self) -> "array[int]":
@@ -264,11 +379,16 @@ class RawTable:
     def close(self) -> None:
         """Free the entries (the kernel's ``sg_free_table``) and the table.  Idempotent;
         every entry and iterator taken from the table raises ``ClosedError`` afterwards."""
-        if self._closed:
-            return
-        self._closed = True
-        self._changed()
-        self._finalizer()
+        with self._lock:
+            if self._closed:
+                return
+            mapping = self._resources.mapping
+            if mapping is not None and mapping.live:
+                raise BusyError("RawTable.close: the table is DMA-mapped for device "
+                                f"{mapping.device.name!r}; dma_unmap_sgtable it first")
+            self._closed = True
+            self._changed()
+            self._finalizer()
 
     def __enter__(self) -> "RawTable":
         return self
@@ -322,6 +442,36 @@ def alloc_table_from_pages(pfns: PfnsLike, offset: int = 0, size: Optional[int] 
     handle = eng.table_create(page_size, max_segment_bytes)
     try:
         eng.table_append(handle, view, offset, size_bytes, left)
+    except BaseException:
+        eng.table_destroy(handle)
+        raise
+    return RawTable(eng, handle, page_size)
+
+
+def alloc_table_from_entries(entries: Any, page_size: int = PAGE_SIZE, *,
+                             engine: Optional[str] = None) -> RawTable:
+    """Build a table entry by entry, as drivers do with ``sg_alloc_table`` and one
+    ``sg_set_page`` per entry: ``entries`` is a sequence of ``(pfn, offset, length)`` (bytes;
+    ``offset`` may exceed a page, ``length`` is 1 to 2**32-1), or a flat buffer of such
+    triples.  Nothing is merged.  The table is final."""
+    eng = get_engine(engine)
+    page_size = require_range("page_size", page_size, 0, 0xFFFFFFFF, Reason.PAGE_SIZE)
+    try:
+        rows = as_pfn_view(entries, "entries")
+    except TypeError:
+        flat = []
+        for index, row in enumerate(entries):
+            if len(row) != 3:
+                raise InvalidArgument(f"entries[{index}] is not a (pfn, offset, length) "
+                                      f"triple") from None
+            flat.extend(row)
+        rows = as_pfn_view(flat, "entries")
+    if len(rows) % 3:
+        raise InvalidArgument(f"entries holds {len(rows)} numbers, not whole "
+                              f"(pfn, offset, length) triples")
+    handle = eng.table_create(page_size, MAX_SEGMENT_UNLIMITED)
+    try:
+        eng.table_set_entries(handle, rows)
     except BaseException:
         eng.table_destroy(handle)
         raise
