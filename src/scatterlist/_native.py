@@ -78,6 +78,9 @@ class NativeEngine:
         return ffi.gc(out[0], lib.sl_table_destroy)
 
     def table_address(self, table: Any) -> int:
+        if not isinstance(table, ffi.CData) or ffi.typeof(table) is not ffi.typeof(
+                "struct sl_table *"):
+            raise TypeError(f"not a struct sl_table pointer: {table!r}")
         return int(ffi.cast("uintptr_t", table))
 
     def table_destroy(self, table: Any) -> None:

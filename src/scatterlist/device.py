@@ -38,12 +38,18 @@ def _low_bits_mask(name: str, value: int, minimum: int) -> int:
 class _Devres:
     """A resource released when its device unbinds, or earlier by its owner: exactly once."""
 
-    __slots__ = ("_release", "_done", "_lock", "__weakref__")
+    __slots__ = ("_release", "_done", "_lock", "_anchor", "__weakref__")
 
-    def __init__(self, release: Callable[[], None]) -> None:
+    def __init__(self, release: Callable[[], None], anchor: Optional[object] = None) -> None:
         self._release = release
         self._done = False
         self._lock = threading.Lock()
+        # The resource itself, held weakly: once it is gone the entry can be dropped.
+        self._anchor = None if anchor is None else weakref.ref(anchor)
+
+    @property
+    def stale(self) -> bool:
+        return self._done or (self._anchor is not None and self._anchor() is None)
 
     def revoke(self) -> bool:
         """Release now unless already released; True if this call released it."""
@@ -197,14 +203,17 @@ class Device:
             pending, self._devres = self._devres, []
         return sum(1 for devres in reversed(pending) if devres.revoke())
 
-    def _register(self, release: Callable[[], None]) -> _Devres:
+    def _register(self, release: Callable[[], None],
+                  anchor: Optional[object] = None) -> _Devres:
         """Devres: run ``release`` at unbind unless revoked first.  ``DeviceUnbound`` if the
-        device is not bound (nothing is registered then)."""
+        device is not bound (nothing is registered then).  ``anchor``, held weakly, is the
+        resource: when it is gone, the entry is dropped."""
         handle = self._require_open()
         with self._lock:
             if not self._engine.device_get(handle, "bound"):
                 raise error_for(errno.ENODEV, Reason.DEVICE_UNBOUND)
-            devres = _Devres(release)
+            devres = _Devres(release, anchor)
+            self._devres = [entry for entry in self._devres if not entry.stale]
             self._devres.append(devres)
         return devres
 

@@ -11,6 +11,7 @@ dangles: used after its owner closed or its mapping was revoked, it raises ``Clo
 from __future__ import annotations
 
 import errno
+import weakref
 
 from typing import Any, Callable, Generic, Iterator, List, Optional, TypeVar, Union
 
@@ -33,12 +34,17 @@ class Borrowed:
 
 
 def _revoker(raw: RawTable) -> Callable[[], None]:
-    """The Devres release of an owned table: unmap at unbind (once; see _Mapping.unmap)."""
+    """The Devres release of an owned table: unmap at unbind (once; see _Mapping.unmap).
+    It holds the mapping weakly: a table dropped without close() unmaps through its own
+    safety net, and its Devres entry then has nothing left to release."""
     mapping = raw._resources.mapping
     assert mapping is not None
+    mapping_ref = weakref.ref(mapping)
 
     def revoke() -> None:
-        mapping.unmap(by_unbind=True)
+        live = mapping_ref()
+        if live is not None:
+            live.unmap(by_unbind=True)
 
     return revoke
 
@@ -93,7 +99,7 @@ class SGTable(Generic[S]):
                                      page_size=pages.page_size, engine=dev.engine)
         try:
             dma_map_sgtable(dev, raw, DataDirection(dir_value))
-            devres = dev._register(_revoker(raw))
+            devres = dev._register(_revoker(raw), anchor=raw._resources.mapping)
         except BaseException:
             mapping = raw._resources.mapping
             if mapping is not None:
