@@ -280,27 +280,31 @@ static int map_iommu(struct dma_device *dev, struct sl_table *table, int dir)
     }
     const uint64_t iova = iova_pfn << iommu->granule_shift;
 
-    /* iommu_map_sg: the laid-out entries back to back, physically contiguous ones together. */
+    /* iommu_map_sg: the laid-out entries back to back, physically contiguous ones merged
+     * into runs, handed to the page table in batches (each batch all or nothing). */
     const uint32_t prot = direction_prot(dir);
-    uint64_t mapped = 0, run_phys = 0, run_len = 0;
+    enum { RUN_BATCH = 512 };
+    struct iommu_run runs[RUN_BATCH];
+    uint64_t n_runs = 0, mapped = 0, batch_bytes = 0;
     sg = table->sgt.sgl;
-    for (uint32_t i = 0; i <= n_entries && !err; i++) {
-        uint64_t phys = i < n_entries ? entry_phys(table, sg) : 0;
-        if (i < n_entries && run_len && phys == run_phys + run_len) {
-            run_len += sg->length;
+    for (uint32_t i = 0; i < n_entries && !err; i++, sg = next_entry(sg)) {
+        uint64_t phys = entry_phys(table, sg);
+        if (n_runs && phys == runs[n_runs - 1].phys + runs[n_runs - 1].len_bytes) {
+            runs[n_runs - 1].len_bytes += sg->length;
         } else {
-            if (run_len) {
-                err = iommu_map(iommu->domain, iova + mapped, run_phys, run_len, prot);
-                if (!err)
-                    mapped += run_len;
+            if (n_runs == RUN_BATCH) {
+                err = iommu_map_runs(iommu->domain, iova + mapped, runs, n_runs, prot);
+                mapped += err ? 0 : batch_bytes;
+                n_runs = 0;
+                batch_bytes = 0;
             }
-            if (i < n_entries) {
-                run_phys = phys;
-                run_len = sg->length;
-            }
+            runs[n_runs++] = (struct iommu_run){phys, sg->length};
         }
-        if (i < n_entries)
-            sg = next_entry(sg);
+        batch_bytes += sg->length;
+    }
+    if (!err && n_runs) {
+        err = iommu_map_runs(iommu->domain, iova + mapped, runs, n_runs, prot);
+        mapped += err ? 0 : batch_bytes;
     }
     if (err) {
         int reason = sl_last_error()->reason;

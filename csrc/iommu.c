@@ -34,7 +34,10 @@ struct iommu_domain {
     struct iommu_fault faults[IOMMU_FAULT_LOG_SIZE];
 };
 
-static inline struct pt_table *child_of(uint64_t slot) { return (struct pt_table *)(uintptr_t)slot; }
+static inline struct pt_table *child_of(uint64_t slot)
+{
+    return (struct pt_table *)(uintptr_t)slot;
+}
 
 /* Slot index of iova page pfn in its table at level. */
 static inline uint64_t slot_index(const struct iommu_domain *dom, uint64_t pfn, unsigned level)
@@ -133,7 +136,8 @@ static uint64_t clear_pages(struct iommu_domain *dom, uint64_t pfn, uint64_t n_p
         done += i;
         if (leaf->n_used == 0)
             prune(dom, cur, path, dom->levels - 1);
-
+        if (i < chunk)
+            break;
     }
     return done;
 }

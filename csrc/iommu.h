@@ -81,7 +81,9 @@ uint64_t iommu_table_count(const struct iommu_domain *dom); /* tables allocated,
  * pages no access may use).  All of it or nothing: -EEXIST if any page is already mapped,
  * -EINVAL for misalignment, a range outside the aperture, a physical range past 2^64 or unknown
  * prot bits, -ENOMEM if a table cannot be allocated.  size_bytes == 0 maps nothing (the
- * alignment checks still apply). */
+ * alignment checks still apply).  sl_last_error(): for SL_REASON_IOMMU_ALIGN, index 0/1/2 names
+ * iova/phys/size and value is it; for -EEXIST, index is the page number within the range and
+ * value the IOVA of the page found mapped. */
 int iommu_map(struct iommu_domain *dom, uint64_t iova, uint64_t phys, uint64_t size_bytes,
               uint32_t prot);
 

@@ -20,7 +20,7 @@ struct iova_node {
     uint64_t gap;     /* free granules just below pfn_lo (those below start_pfn do not count) */
     uint64_t max_gap; /* largest gap in this subtree */
     int32_t height;   /* 1 for a leaf */
-    uint32_t state;   /* enum iova_range_state or NODE_ANCHOR */
+    uint32_t state;   /* enum iova_range_state, NODE_ANCHOR or NODE_FREE */
 };
 
 /* Magazines hold node pointers rather than pfns: taking a range from the cache then touches
@@ -331,7 +331,9 @@ static int fit_in_gap(const struct iova_node *n, const struct fit_request *req, 
 
 /* Visits gaps from the highest down, skipping subtrees whose largest gap is too small and
  * nodes whose gap starts above the limit (everything to their right does too).  Gaps are
- * visited in descending order, so the first fit is the highest fit. */
+ * visited in descending order, so the first fit is the highest fit.  O(log n) unless many gaps
+ * are large enough but fail the alignment, where it visits those too (the kernel's walk visits
+ * every range between the limit and the fit). */
 static int search_highest(const struct iova_node *n, const struct fit_request *req,
                           uint64_t *pfn)
 {
@@ -366,8 +368,6 @@ static int tree_alloc(struct iova_domain *dom, uint64_t size, uint64_t limit_pfn
     return 1;
 }
 
-/* ---- range cache ---- */
-
 /* ---- node pool ---- */
 
 static struct iova_node *node_alloc(struct iova_domain *dom)
@@ -401,6 +401,8 @@ static void release_node(struct iova_domain *dom, struct iova_node *n)
     tree_remove(dom, n);
     node_free(dom, n);
 }
+
+/* ---- range cache ---- */
 
 /* Takes a cached range of the order that ends at or below limit_pfn: the most recently cached
  * one that fits, as the kernel's magazine pop does; the top entry fills the hole it leaves. */

@@ -13,12 +13,21 @@
  * highest fit is always the answer, so a pure-Python model can reproduce every placement.
  *
  * Range cache: freed ranges of up to 32 granules (orders 0..5) go into a per-order cache and
- * stay occupied until an allocation of the same order takes them again (most recent first),
- * like the kernel's rcache seen from one CPU: two magazines of IOVA_MAG_SIZE ranges, "loaded"
- * and "prev", plus a depot of full magazines.  The kernel trims its depot from a timer; here the
- * depot holds at most depot_max_magazines and a magazine that would exceed it goes straight
- * back to the free space.  An allocation that finds no room empties every cache into the free
+ * stay occupied until an allocation of the same order takes them again, like the kernel's
+ * rcache seen from one CPU.  Exactly (a model must follow this to place ranges identically):
+ *   - each order has two magazines of up to IOVA_MAG_SIZE ranges, "loaded" and "prev", and a
+ *     depot (a stack) of full magazines, at most depot_max_magazines of them;
+ *   - put: if loaded is full, swap it with prev when prev is not full; else push loaded onto
+ *     the depot and start an empty one; if the depot is full too, every range in loaded goes
+ *     back to free space and loaded starts empty (the kernel pushes it and its depot trimming
+ *     frees it moments later).  Then push the range onto loaded;
+ *   - get: if loaded is empty, swap it with prev when prev is not; else replace it by the
+ *     depot's top magazine; else miss.  Then scan loaded from its top for the first range that
+ *     ends at or below the limit; the magazine's top entry moves into its slot.  No fit: miss,
+ *     and the tree serves the request.
+ * An allocation that finds no room (with flushing, the default) empties every cache into free
  * space and tries once more; if that also fails the caches are put back exactly as they were.
+ * The kernel's max32_alloc_size shortcut (failing 32-bit requests early) is not modelled.
  *
  * Not thread-safe: a domain must be used by one thread at a time.  No public function calls
  * another, so one mutex around each public call is enough to share a domain. */

@@ -39,7 +39,7 @@ enum sl_reason {
     SL_REASON_ENTRY_LENGTH = 22,     /* an entry length of 0 or beyond 32 bits */
     /* 32..63: IOVA allocator and IOMMU domain (iova.c, iommu.c) */
     SL_REASON_GRANULE = 32,          /* IOMMU granule not a power of two in [4 KiB, 64 KiB] */
-    SL_REASON_IOVA_START_PFN = 33,   /* IOVA domain start_pfn of 0: IOVA 0 must never be handed out */
+    SL_REASON_IOVA_START_PFN = 33,   /* IOVA domain start_pfn 0: IOVA 0 must never be handed out */
     SL_REASON_IOVA_SIZE = 34,        /* IOVA allocation or free of zero granules */
     SL_REASON_IOVA_EXHAUSTED = 35,   /* no free IOVA range of that size fits under the limit */
     SL_REASON_IOVA_RANGE = 36,       /* IOVA reserve with lo > hi or hi at the top pfn */
@@ -47,7 +47,7 @@ enum sl_reason {
     SL_REASON_IOVA_NOT_FOUND = 38,   /* IOVA free or find of a pfn in no range */
     SL_REASON_IOVA_NOT_LIVE = 39,    /* IOVA free of a reserved or already freed (cached) range */
     SL_REASON_IOVA_NOT_START = 40,   /* IOVA free of a pfn inside, not at the start of, its range */
-    SL_REASON_IOVA_SIZE_MISMATCH = 41, /* IOVA free with a size that does not match the allocation */
+    SL_REASON_IOVA_SIZE_MISMATCH = 41, /* IOVA free with a size not matching the allocation */
     SL_REASON_APERTURE_BITS = 42,    /* IOMMU aperture width not in [granule bits + 1, 64] */
     SL_REASON_IOMMU_ALIGN = 43,      /* IOMMU iova, phys or size not a multiple of the granule */
     SL_REASON_IOMMU_APERTURE = 44,   /* IOMMU map/unmap/translate range beyond the aperture */
@@ -56,7 +56,7 @@ enum sl_reason {
     SL_REASON_IOMMU_MAPPED = 47,     /* IOMMU map over a page that is already mapped */
     SL_REASON_IOMMU_ACCESS = 48,     /* IOMMU access not exactly IOMMU_READ or IOMMU_WRITE */
     SL_REASON_IOMMU_FAULT_NOT_MAPPED = 49, /* device access to an unmapped IOVA (fault logged) */
-    SL_REASON_IOMMU_FAULT_PERMISSION = 50, /* device access its mapping does not permit (fault logged) */
+    SL_REASON_IOMMU_FAULT_PERMISSION = 50, /* device access its mapping forbids (fault logged) */
     SL_REASON_IOMMU_FAULT_APERTURE = 51,   /* device access beyond the aperture (fault logged) */
     SL_REASON_IOMMU_RUNS_CAPACITY = 52,    /* run array full before the translated range ended */
     /* 64..95: DMA mapping and device access (dma.c) */
