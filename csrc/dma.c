@@ -333,7 +333,8 @@ int dma_map_sgtable(struct dma_device *dev, struct sl_table *table, int dir)
         return err;
     table->dma_dev = dev;
     table->dma_dir = dir;
-    dev->live_mappings++;
+    /* Tables of one device may be mapped on several threads at once. */
+    __atomic_add_fetch(&dev->live_mappings, 1, __ATOMIC_RELAXED);
     return 0;
 }
 
@@ -366,7 +367,7 @@ int dma_unmap_sgtable(struct dma_device *dev, struct sl_table *table, int dir)
     table->dma_dev = NULL;
     table->dma_iova = 0;
     table->dma_iova_len = 0;
-    dev->live_mappings--;
+    __atomic_sub_fetch(&dev->live_mappings, 1, __ATOMIC_RELAXED);
     return 0;
 }
 

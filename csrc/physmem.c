@@ -1,6 +1,7 @@
 #include "physmem.h"
 
 #include <errno.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -19,6 +20,9 @@ struct physmem {
     uint64_t n_free;
     uint64_t n_resident;
     struct page_group **groups; /* n_groups pointers, NULL for untouched groups */
+    /* Devices on several threads share a memory; every public call that reads or changes
+     * the bookkeeping or the bytes holds this lock. */
+    pthread_mutex_t lock;
 };
 
 static int is_valid_page_size(uint32_t page_size)
@@ -44,7 +48,8 @@ int physmem_create(uint64_t size_bytes, uint32_t page_size, struct physmem **out
     mem->n_free = mem->n_pages;
     /* calloc of a large array is backed lazily by the OS: untouched groups cost no RAM. */
     mem->groups = calloc(mem->n_groups, sizeof(*mem->groups));
-    if (!mem->groups) {
+    if (!mem->groups || pthread_mutex_init(&mem->lock, NULL) != 0) {
+        free(mem->groups);
         free(mem);
         return sl_fail(ENOMEM, SL_REASON_NO_MEMORY, 0, 0);
     }
@@ -65,6 +70,7 @@ void physmem_destroy(struct physmem *mem)
         free(group);
     }
     free(mem->groups);
+    pthread_mutex_destroy(&mem->lock);
     free(mem);
 }
 
@@ -164,7 +170,8 @@ static uint64_t choose_pages(const struct physmem *mem, uint64_t n_pages, int la
     return found;
 }
 
-int physmem_alloc_pages(struct physmem *mem, uint64_t n_pages, int layout, uint64_t seed,
+static int physmem_alloc_pages_locked(struct physmem *mem, uint64_t n_pages, int layout,
+                                      uint64_t seed,
                         uint64_t *pfns_out)
 {
     if (layout != SL_LAYOUT_CONTIGUOUS && layout != SL_LAYOUT_SCATTERED &&
@@ -188,7 +195,8 @@ int physmem_alloc_pages(struct physmem *mem, uint64_t n_pages, int layout, uint6
     return 0;
 }
 
-int physmem_free_pages_list(struct physmem *mem, const uint64_t *pfns, uint64_t n_pages)
+static int physmem_free_pages_list_locked(struct physmem *mem, const uint64_t *pfns,
+                                          uint64_t n_pages)
 {
     for (uint64_t i = 0; i < n_pages; i++) {
         if (pfns[i] >= mem->n_pages)
@@ -236,7 +244,8 @@ static int check_range(const struct physmem *mem, uint64_t phys, uint64_t n_byte
     return 0;
 }
 
-int physmem_read(struct physmem *mem, uint64_t phys, void *buf, uint64_t n_bytes)
+static int physmem_read_locked(struct physmem *mem, uint64_t phys, void *buf,
+                               uint64_t n_bytes)
 {
     int err = check_range(mem, phys, n_bytes);
     if (err)
@@ -261,7 +270,8 @@ int physmem_read(struct physmem *mem, uint64_t phys, void *buf, uint64_t n_bytes
     return 0;
 }
 
-int physmem_write(struct physmem *mem, uint64_t phys, const void *buf, uint64_t n_bytes)
+static int physmem_write_locked(struct physmem *mem, uint64_t phys, const void *buf,
+                                uint64_t n_bytes)
 {
     int err = check_range(mem, phys, n_bytes);
     if (err)
@@ -295,4 +305,39 @@ int physmem_write(struct physmem *mem, uint64_t phys, const void *buf, uint64_t 
         n_bytes -= piece;
     }
     return 0;
+}
+
+/* ---- locked entry points ---- */
+
+int physmem_alloc_pages(struct physmem *mem, uint64_t n_pages, int layout, uint64_t seed,
+                        uint64_t *pfns_out)
+{
+    pthread_mutex_lock(&mem->lock);
+    int err = physmem_alloc_pages_locked(mem, n_pages, layout, seed, pfns_out);
+    pthread_mutex_unlock(&mem->lock);
+    return err;
+}
+
+int physmem_free_pages_list(struct physmem *mem, const uint64_t *pfns, uint64_t n_pages)
+{
+    pthread_mutex_lock(&mem->lock);
+    int err = physmem_free_pages_list_locked(mem, pfns, n_pages);
+    pthread_mutex_unlock(&mem->lock);
+    return err;
+}
+
+int physmem_read(struct physmem *mem, uint64_t phys, void *buf, uint64_t n_bytes)
+{
+    pthread_mutex_lock(&mem->lock);
+    int err = physmem_read_locked(mem, phys, buf, n_bytes);
+    pthread_mutex_unlock(&mem->lock);
+    return err;
+}
+
+int physmem_write(struct physmem *mem, uint64_t phys, const void *buf, uint64_t n_bytes)
+{
+    pthread_mutex_lock(&mem->lock);
+    int err = physmem_write_locked(mem, phys, buf, n_bytes);
+    pthread_mutex_unlock(&mem->lock);
+    return err;
 }

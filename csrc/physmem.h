@@ -20,6 +20,7 @@ enum sl_layout {
     SL_LAYOUT_RANDOM = 2,     /* runs of 1..16 pages separated by gaps of 1..4 free pages */
 };
 
+/* Thread-safe: every call that touches pages or bytes holds the memory's lock. */
 struct physmem;
 
 /* size_bytes must be a positive multiple of page_size; page_size a power of two, 4 KiB..64 KiB. */
