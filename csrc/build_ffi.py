@@ -77,6 +77,7 @@ struct sl_table {
     uint64_t n_chunks;
     struct dma_device *dma_dev;
     int dma_dir;
+    uint32_t dma_map_nents;
     uint64_t dma_iova;
     uint64_t dma_iova_len;
     ...;
@@ -160,12 +161,21 @@ struct dma_device {
     int pci_32bit_workaround;
     int bound;
     uint64_t live_mappings;
+    uint64_t inject_countdown;
+    uint32_t inject_ppm;
+    int inject_errno;
+    uint64_t inject_rng_state;
+    uint64_t injected_failures;
 };
 int dma_device_create(struct physmem *mem, struct sl_iommu *iommu, struct dma_device **out);
 void dma_device_destroy(struct dma_device *dev);
 int dma_map_sgtable(struct dma_device *dev, struct sl_table *table, int dir);
 int dma_unmap_sgtable(struct dma_device *dev, struct sl_table *table, int dir);
 int dma_sync_sgtable(struct dma_device *dev, struct sl_table *table, int dir, int for_cpu);
+int64_t dma_map_sg(struct dma_device *dev, struct sl_table *table, uint32_t nents, int dir);
+int dma_unmap_sg(struct dma_device *dev, struct sl_table *table, uint32_t nents, int dir);
+int dma_sync_sg(struct dma_device *dev, struct sl_table *table, uint32_t nents, int dir,
+                int for_cpu);
 int dma_device_read(struct dma_device *dev, uint64_t dma_addr, void *buf, uint64_t n_bytes);
 int dma_device_write(struct dma_device *dev, uint64_t dma_addr, const void *buf,
                      uint64_t n_bytes);

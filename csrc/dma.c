@@ -110,7 +110,26 @@ static inline uint64_t entry_phys(const struct sl_table *table, const struct sca
     return (entry_pfn(sg) << table->page_shift) + sg->offset;
 }
 
-static int check_mappable(const struct dma_device *dev, const struct sl_table *table, int dir)
+static uint64_t splitmix64(uint64_t *state)
+{
+    uint64_t z = (*state += UINT64_C(0x9E3779B97F4A7C15));
+    z = (z ^ (z >> 30)) * UINT64_C(0xBF58476D1CE4E5B9);
+    z = (z ^ (z >> 27)) * UINT64_C(0x94D049BB133111EB);
+    return z ^ (z >> 31);
+}
+
+/* Whether fault injection fails this map call: decided once per call, before mapping. */
+static int inject_failure(struct dma_device *dev)
+{
+    if (dev->inject_countdown)
+        return --dev->inject_countdown == 0;
+    if (dev->inject_ppm)
+        return splitmix64(&dev->inject_rng_state) % 1000000u < dev->inject_ppm;
+    return 0;
+}
+
+static int check_mappable(const struct dma_device *dev, const struct sl_table *table,
+                          uint32_t n_entries, int dir)
 {
     if (!valid_direction(dir))
         return sl_fail(EINVAL, SL_REASON_DMA_DIRECTION, 0, (uint64_t)dir);
@@ -124,9 +143,11 @@ static int check_mappable(const struct dma_device *dev, const struct sl_table *t
         return sl_fail(EINVAL, SL_REASON_TABLE_NOT_FINAL, 0, 0);
     if (table->page_size != physmem_page_size(dev->mem))
         return sl_fail(EINVAL, SL_REASON_PAGE_SIZE_MISMATCH, 0, physmem_page_size(dev->mem));
+    if (n_entries == 0 || n_entries > table->sgt.orig_nents)
+        return sl_fail(EINVAL, SL_REASON_NENTS_RANGE, n_entries, table->sgt.orig_nents);
     uint64_t mem_end = physmem_n_pages(dev->mem) << table->page_shift;
     struct scatterlist *sg = table->sgt.sgl;
-    for (uint32_t i = 0; i < table->sgt.orig_nents; i++, sg = next_entry(sg))
+    for (uint32_t i = 0; i < n_entries; i++, sg = next_entry(sg))
         if (entry_phys(table, sg) + sg->length > mem_end)
             return sl_fail(EINVAL, SL_REASON_PHYS_RANGE, i, entry_pfn(sg));
     return 0;
@@ -134,21 +155,24 @@ static int check_mappable(const struct dma_device *dev, const struct sl_table *t
 
 /* ---- direct mapping ---- */
 
-static int map_direct(struct dma_device *dev, struct sl_table *table)
+static int map_direct(struct dma_device *dev, struct sl_table *table, uint32_t n_entries,
+                      int inject, uint32_t *count_out)
 {
     /* Check every entry first: a failure maps nothing and writes no DMA field. */
     struct scatterlist *sg = table->sgt.sgl;
-    for (uint32_t i = 0; i < table->sgt.orig_nents; i++, sg = next_entry(sg)) {
+    for (uint32_t i = 0; i < n_entries; i++, sg = next_entry(sg)) {
         uint64_t phys = entry_phys(table, sg);
         if (phys > dev->dma_mask || sg->length - 1 > dev->dma_mask - phys)
             return sl_fail(EIO, SL_REASON_DMA_MASK, i, phys);
     }
+    if (inject)
+        return sl_fail(dev->inject_errno, SL_REASON_INJECTED, 0, 0);
     sg = table->sgt.sgl;
-    for (uint32_t i = 0; i < table->sgt.orig_nents; i++, sg = next_entry(sg)) {
+    for (uint32_t i = 0; i < n_entries; i++, sg = next_entry(sg)) {
         sg->dma_address = entry_phys(table, sg); /* phys_to_dma is the identity here */
         sg->dma_length = sg->length;
     }
-    table->sgt.nents = table->sgt.orig_nents;
+    *count_out = n_entries;
     return 0;
 }
 
@@ -186,7 +210,7 @@ static void unmap_block(struct sl_iommu *iommu, uint64_t iova, uint64_t len)
 /* __finalise_sg: merges the laid-out entries into DMA segments, restores the CPU fields, and
  * returns the segment count. */
 static uint32_t finalise_segments(const struct dma_device *dev, struct sl_table *table,
-                                  uint64_t iova)
+                                  uint32_t n_entries, uint64_t iova)
 {
     uint64_t dma_addr = iova;
     const uint64_t seg_mask = dev->seg_boundary_mask;
@@ -194,7 +218,7 @@ static uint32_t finalise_segments(const struct dma_device *dev, struct sl_table 
     struct scatterlist *cur = table->sgt.sgl;
     struct scatterlist *sg = table->sgt.sgl;
     uint32_t cur_len = 0, count = 0;
-    for (uint32_t i = 0; i < table->sgt.orig_nents; i++, sg = next_entry(sg)) {
+    for (uint32_t i = 0; i < n_entries; i++, sg = next_entry(sg)) {
         uint32_t s_iova_off = (uint32_t)sg->dma_address; /* stashed by the layout pass */
         uint32_t s_length = sg->dma_length;
         uint32_t s_iova_len = sg->length;
@@ -222,12 +246,12 @@ static uint32_t finalise_segments(const struct dma_device *dev, struct sl_table 
     return count;
 }
 
-static int map_iommu(struct dma_device *dev, struct sl_table *table, int dir)
+static int map_iommu(struct dma_device *dev, struct sl_table *table, uint32_t n_entries,
+                     int dir, int inject, uint32_t *count_out)
 {
     struct sl_iommu *iommu = dev->iommu;
     const uint64_t granule_mask = iommu->granule - 1;
     const uint64_t boundary_mask = dev->seg_boundary_mask;
-    const uint32_t n_entries = table->sgt.orig_nents;
 
     /* Lay the entries out in one IOVA range, whole granules each, stashing the in-granule
      * offset and the CPU length in the DMA fields. */
@@ -306,6 +330,14 @@ static int map_iommu(struct dma_device *dev, struct sl_table *table, int dir)
         err = iommu_map_runs(iommu->domain, iova + mapped, runs, n_runs, prot);
         mapped += err ? 0 : batch_bytes;
     }
+    if (!err && inject) {
+        /* Everything is mapped: the rollback below has all of it to undo. */
+        unmap_block(iommu, iova, mapped);
+        iova_free(iommu->iovad, iova_pfn, n_granules);
+        sl_iommu_unlock(iommu);
+        invalidate_layout(table, n_entries);
+        return sl_fail(dev->inject_errno, SL_REASON_INJECTED, 0, 0);
+    }
     if (err) {
         int reason = sl_last_error()->reason;
         unmap_block(iommu, iova, mapped);
@@ -317,20 +349,26 @@ static int map_iommu(struct dma_device *dev, struct sl_table *table, int dir)
     }
     sl_iommu_unlock(iommu);
 
-    table->sgt.nents = finalise_segments(dev, table, iova);
+    *count_out = finalise_segments(dev, table, n_entries, iova);
     table->dma_iova = iova;
     table->dma_iova_len = iova_len;
     return 0;
 }
 
-int dma_map_sgtable(struct dma_device *dev, struct sl_table *table, int dir)
+static int map_entries(struct dma_device *dev, struct sl_table *table, uint32_t n_entries,
+                       int dir, uint32_t *count_out)
 {
-    int err = check_mappable(dev, table, dir);
+    int err = check_mappable(dev, table, n_entries, dir);
     if (err)
         return err;
-    err = dev->iommu ? map_iommu(dev, table, dir) : map_direct(dev, table);
+    int inject = inject_failure(dev);
+    if (inject)
+        __atomic_add_fetch(&dev->injected_failures, 1, __ATOMIC_RELAXED);
+    err = dev->iommu ? map_iommu(dev, table, n_entries, dir, inject, count_out)
+                     : map_direct(dev, table, n_entries, inject, count_out);
     if (err)
         return err;
+    table->dma_map_nents = n_entries;
     table->dma_dev = dev;
     table->dma_dir = dir;
     /* Tables of one device may be mapped on several threads at once. */
@@ -338,8 +376,24 @@ int dma_map_sgtable(struct dma_device *dev, struct sl_table *table, int dir)
     return 0;
 }
 
+int dma_map_sgtable(struct dma_device *dev, struct sl_table *table, int dir)
+{
+    uint32_t count = 0;
+    int err = map_entries(dev, table, table->sgt.orig_nents, dir, &count);
+    if (!err)
+        table->sgt.nents = count;
+    return err;
+}
+
+int64_t dma_map_sg(struct dma_device *dev, struct sl_table *table, uint32_t nents, int dir)
+{
+    uint32_t count = 0;
+    int err = map_entries(dev, table, nents, dir, &count);
+    return err ? err : (int64_t)count;
+}
+
 static int check_mapped_for(const struct dma_device *dev, const struct sl_table *table,
-                            int dir)
+                            uint32_t n_entries, int dir)
 {
     if (!valid_direction(dir))
         return sl_fail(EINVAL, SL_REASON_DMA_DIRECTION, 0, (uint64_t)dir);
@@ -347,12 +401,20 @@ static int check_mapped_for(const struct dma_device *dev, const struct sl_table 
         return sl_fail(EINVAL, SL_REASON_NOT_MAPPED, 0, 0);
     if (table->dma_dev != dev)
         return sl_fail(EINVAL, SL_REASON_WRONG_DEVICE, 0, 0);
+    /* A count past the table would walk off its end in the kernel. */
+    if (n_entries == 0 || n_entries > table->sgt.orig_nents)
+        return sl_fail(EINVAL, SL_REASON_NENTS_RANGE, n_entries, table->sgt.orig_nents);
     return 0;
 }
 
 int dma_unmap_sgtable(struct dma_device *dev, struct sl_table *table, int dir)
 {
-    int err = check_mapped_for(dev, table, dir);
+    return dma_unmap_sg(dev, table, table->sgt.orig_nents, dir);
+}
+
+int dma_unmap_sg(struct dma_device *dev, struct sl_table *table, uint32_t nents, int dir)
+{
+    int err = check_mapped_for(dev, table, nents, dir);
     if (err)
         return err;
     if (dev->iommu) {
@@ -373,8 +435,14 @@ int dma_unmap_sgtable(struct dma_device *dev, struct sl_table *table, int dir)
 
 int dma_sync_sgtable(struct dma_device *dev, struct sl_table *table, int dir, int for_cpu)
 {
+    return dma_sync_sg(dev, table, table->sgt.orig_nents, dir, for_cpu);
+}
+
+int dma_sync_sg(struct dma_device *dev, struct sl_table *table, uint32_t nents, int dir,
+                int for_cpu)
+{
     (void)for_cpu; /* coherent memory: ownership moves, bytes do not */
-    return check_mapped_for(dev, table, dir);
+    return check_mapped_for(dev, table, nents, dir);
 }
 
 /* ---- device-side access ---- */

@@ -49,6 +49,15 @@ struct dma_device {
     int pci_32bit_workaround;      /* try IOVAs below 4 GiB first (cleared after one failure) */
     int bound;                     /* mapping is refused (-ENODEV) while unbound */
     uint64_t live_mappings;        /* tables mapped for this device and not unmapped */
+    /* Fault injection: a map call fails late (after its IOVA block and page-table entries
+     * exist, so the rollback runs) with -inject_errno when inject_countdown counts down to 0
+     * (the Nth map from when it was set), or with probability inject_ppm per million drawn
+     * from splitmix64(inject_rng_state).  Both 0: off. */
+    uint64_t inject_countdown;
+    uint32_t inject_ppm;
+    int inject_errno;
+    uint64_t inject_rng_state;
+    uint64_t injected_failures;
 };
 
 /* A bound device with the kernel's defaults (32-bit DMA mask, as when a driver sets none).
@@ -65,6 +74,16 @@ int dma_unmap_sgtable(struct dma_device *dev, struct sl_table *table, int dir);
 /* dma_sync_sgtable_for_cpu (for_cpu != 0) / _for_device: checks the mapping; memory here is
  * coherent, so no bytes move. */
 int dma_sync_sgtable(struct dma_device *dev, struct sl_table *table, int dir, int for_cpu);
+
+/* The count-taking calls drivers use beside the table ones: dma_map_sg maps the first nents
+ * entries (1..orig_nents) and returns the DMA segment count without storing it in the table
+ * (the driver does); dma_unmap_sg and dma_sync_sg take the count the driver passes, which
+ * must be the one passed to dma_map_sg (dma-debug checks that; the mapping itself is
+ * released whole either way, as in the kernel). */
+int64_t dma_map_sg(struct dma_device *dev, struct sl_table *table, uint32_t nents, int dir);
+int dma_unmap_sg(struct dma_device *dev, struct sl_table *table, uint32_t nents, int dir);
+int dma_sync_sg(struct dma_device *dev, struct sl_table *table, uint32_t nents, int dir,
+                int for_cpu);
 
 /* Device-side access by DMA address.  Through the IOMMU every page is translated first and a
  * fault (logged in the IOMMU's fault log) fails the whole access with -EFAULT before any byte

@@ -61,6 +61,7 @@ struct sl_table {
      * mapped), the direction, and the IOVA block (0/0 for direct mapping). */
     struct dma_device *dma_dev;
     int dma_dir;
+    uint32_t dma_map_nents;      /* entries passed to the map call */
     uint64_t dma_iova;
     uint64_t dma_iova_len;
 };

@@ -11,7 +11,7 @@
 #include <stdint.h>
 
 /* Bumped whenever a declaration the bindings rely on changes; checked at import. */
-#define SL_ABI_VERSION 1
+#define SL_ABI_VERSION 2
 
 enum sl_reason {
     SL_REASON_NONE = 0,
@@ -73,6 +73,8 @@ enum sl_reason {
     SL_REASON_DMA_ACCESS_MEMORY = 74, /* device access that reaches past the emulated memory */
     SL_REASON_DMA_LENGTH = 75,       /* a transfer larger than the table's DMA segments */
     SL_REASON_FOREIGN = 76,          /* objects of different memories or IOMMUs mixed */
+    SL_REASON_NENTS_RANGE = 77,      /* an entry count of 0 or beyond the table's orig_nents */
+    SL_REASON_INJECTED = 78,         /* a failure injected on the device (fault injection) */
 };
 
 struct sl_error_detail {

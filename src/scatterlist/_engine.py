@@ -152,19 +152,27 @@ class Engine(Protocol):
 
     def device_get(self, dev: Any, field: str) -> int:
         """One of dma_mask, max_segment_size, seg_boundary_mask, max_mapping_size,
-        pci_32bit_workaround, bound, live_mappings."""
+        pci_32bit_workaround, bound, live_mappings, inject_countdown, inject_ppm,
+        inject_errno, inject_rng_state, injected_failures (the fields of struct dma_device)."""
 
     def device_set(self, dev: Any, field: str, value: int) -> None: ...
 
-    def dma_map(self, dev: Any, table: Any, direction: int) -> None:
-        """dma_map_sgtable."""
+    def dma_map(self, dev: Any, table: Any, direction: int,
+                nents: Optional[int] = None) -> int:
+        """dma_map_sgtable (nents None: orig_nents, and the table's nents is set) or
+        dma_map_sg (the first nents entries; the table's nents is left alone).  Returns the
+        DMA segment count."""
 
-    def dma_unmap(self, dev: Any, table: Any, direction: int) -> None: ...
+    def dma_unmap(self, dev: Any, table: Any, direction: int,
+                  nents: Optional[int] = None) -> None:
+        """dma_unmap_sgtable (nents None) or dma_unmap_sg."""
 
-    def dma_sync(self, dev: Any, table: Any, direction: int, for_cpu: bool) -> None: ...
+    def dma_sync(self, dev: Any, table: Any, direction: int, for_cpu: bool,
+                 nents: Optional[int] = None) -> None: ...
 
-    def table_mapping(self, table: Any) -> Optional[Tuple[int, int, int]]:
-        """(direction, iova, iova_len) while mapped (iova 0 for direct mapping), else None."""
+    def table_mapping(self, table: Any) -> Optional[Tuple[int, int, int, int]]:
+        """(direction, iova, iova_len, entries passed to the map) while mapped (iova 0 for
+        direct mapping), else None."""
 
     def dma_read(self, dev: Any, dma_addr: int, n_bytes: int) -> bytes: ...
 

@@ -19,7 +19,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without a build
 
 from .errors import error_for
 
-EXPECTED_ABI_VERSION = 1
+EXPECTED_ABI_VERSION = 2
 if lib.sl_abi_version() != EXPECTED_ABI_VERSION:  # a stale build must fail loudly
     raise ImportError(
         f"scatterlist._sg has ABI version {lib.sl_abi_version()}, the Python layer expects "
@@ -241,19 +241,31 @@ class NativeEngine:
     def device_set(self, dev: Any, field: str, value: int) -> None:
         setattr(dev, field, value)
 
-    def dma_map(self, dev: Any, table: Any, direction: int) -> None:
-        _check(lib.dma_map_sgtable(dev, table, direction))
+    def dma_map(self, dev: Any, table: Any, direction: int,
+                nents: Optional[int] = None) -> int:
+        if nents is None:
+            _check(lib.dma_map_sgtable(dev, table, direction))
+            return int(table.sgt.nents)
+        return _check(lib.dma_map_sg(dev, table, nents, direction))
 
-    def dma_unmap(self, dev: Any, table: Any, direction: int) -> None:
-        _check(lib.dma_unmap_sgtable(dev, table, direction))
+    def dma_unmap(self, dev: Any, table: Any, direction: int,
+                  nents: Optional[int] = None) -> None:
+        if nents is None:
+            _check(lib.dma_unmap_sgtable(dev, table, direction))
+        else:
+            _check(lib.dma_unmap_sg(dev, table, nents, direction))
 
-    def dma_sync(self, dev: Any, table: Any, direction: int, for_cpu: bool) -> None:
-        _check(lib.dma_sync_sgtable(dev, table, direction, int(for_cpu)))
+    def dma_sync(self, dev: Any, table: Any, direction: int, for_cpu: bool,
+                 nents: Optional[int] = None) -> None:
+        if nents is None:
+            _check(lib.dma_sync_sgtable(dev, table, direction, int(for_cpu)))
+        else:
+            _check(lib.dma_sync_sg(dev, table, nents, direction, int(for_cpu)))
 
-    def table_mapping(self, table: Any) -> Optional[Tuple[int, int, int]]:
+    def table_mapping(self, table: Any) -> Optional[Tuple[int, int, int, int]]:
         if table.dma_dev == ffi.NULL:
             return None
-        return (table.dma_dir, table.dma_iova, table.dma_iova_len)
+        return (table.dma_dir, table.dma_iova, table.dma_iova_len, table.dma_map_nents)
 
     def dma_read(self, dev: Any, dma_addr: int, n_bytes: int) -> bytes:
         buf = ffi.new("uint8_t[]", n_bytes)

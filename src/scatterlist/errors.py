@@ -140,6 +140,8 @@ class Reason(IntEnum):
     DMA_ACCESS_MEMORY = 74
     DMA_LENGTH = 75
     FOREIGN = 76
+    NENTS_RANGE = 77
+    INJECTED = 78
 
 
 _MESSAGES = {
@@ -214,6 +216,8 @@ _MESSAGES = {
     Reason.DMA_LENGTH: "the table's DMA segments hold {index} bytes, fewer than the {value} "
                        "requested",
     Reason.FOREIGN: "objects from different memories or IOMMUs cannot be mixed",
+    Reason.INJECTED: "injected failure (fault injection on the device)",
+    Reason.NENTS_RANGE: "nents={index} is not between 1 and the table's orig_nents ({value})",
 }
 
 _FAULT_REASONS = {

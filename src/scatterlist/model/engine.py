@@ -38,8 +38,9 @@ def _u64(value: int) -> int:
 
 
 def _pfn_list(pfns: memoryview) -> List[int]:
+    """The values of a 1-D "Q" view (pfns, or flat rows of an entry table)."""
     if pfns.format != "Q" or pfns.ndim != 1:
-        raise TypeError(f"pfns must be a 1-D memoryview of format 'Q', not {pfns.format!r}")
+        raise TypeError(f"expected a 1-D memoryview of format 'Q', not {pfns.format!r}")
     return pfns.tolist()
 
 
@@ -96,6 +97,9 @@ class ModelEngine:
     def table_create(self, page_size: int, max_segment_bytes: int) -> SgTable:
         return SgTable(_u32(page_size), _u32(max_segment_bytes))
 
+    def table_address(self, table: Any) -> int:
+        return id(_table(table))
+
     def table_destroy(self, table: Any) -> None:
         _table(table).free_entries()
 
@@ -106,6 +110,9 @@ class ModelEngine:
                      left_pages: int) -> None:
         _table(table).append(_pfn_list(pfns), _u32(offset), _u64(size_bytes),
                              _u64(left_pages))
+
+    def table_set_entries(self, table: Any, rows: memoryview) -> None:
+        _table(table).set_entries(_pfn_list(rows))
 
     def table_counts(self, table: Any) -> Tuple[int, int, int, bool]:
         t = _table(table)

@@ -151,6 +151,12 @@ class SgTable:
         # emulation
         self.final = False                 # the last append had left_pages == 0
         self.chunks: List[Chunk] = []      # every entry array, in chain order
+        # DMA mapping state (struct sl_table's dma_* fields, kept by the DMA layer): the
+        # device the table is mapped for (None when not mapped), direction, IOVA block.
+        self.dma_dev: Optional[object] = None
+        self.dma_dir = 0
+        self.dma_iova = 0
+        self.dma_iova_len = 0
 
     def free_entries(self) -> None:
         """sg_free_table: drops the chunks; the counters stay as they were."""
@@ -208,6 +214,15 @@ class SgTable:
             run_start = run_end
         return starts
 
+    def _check_pfn_range(self, pfns: Sequence[int]) -> None:
+        """Every pfn must keep its physical address below 2**63 (so address + length never
+        wraps); the first offender is reported."""
+        pfn_limit = (1 << (63 - self.page_shift)) - 1
+        if pfns and max(pfns) > pfn_limit:
+            for i, pfn in enumerate(pfns):
+                if pfn > pfn_limit:
+                    raise error_for(errno.EINVAL, Reason.PFN_RANGE, i, pfn)
+
     def append(self, pfns: Sequence[int], offset: int, size_bytes: int,
                left_pages: int) -> None:
         """sg_alloc_append_table_from_pages, with the checks of csrc/scatterlist.c."""
@@ -216,6 +231,8 @@ class SgTable:
         n_pages = len(pfns)
         if self.final:
             raise error_for(errno.EINVAL, Reason.TABLE_FINAL, 0, 0)
+        if self.dma_dev is not None:
+            raise error_for(errno.EBUSY, Reason.TABLE_MAPPED, 0, 0)
         if n_pages == 0:
             raise error_for(errno.EINVAL, Reason.ZERO_PAGES, 0, 0)
         if self.prv is not None and offset != 0:
@@ -228,11 +245,6 @@ class SgTable:
         # size must end inside the last page.
         if size_bytes > pages_bytes - offset or size_bytes + offset <= pages_bytes - page_size:
             raise error_for(errno.EINVAL, Reason.SIZE, 0, size_bytes)
-        pfn_limit = (1 << (63 - shift)) - 1   # physical addresses stay below 2**63
-        if max(pfns) > pfn_limit:
-            for i, pfn in enumerate(pfns):
-                if pfn > pfn_limit:
-                    raise error_for(errno.EINVAL, Reason.PFN_RANGE, i, pfn)
 
         # Merge into the previous call's last entry, as far as the pfns continue it.
         prv = self.prv
@@ -256,6 +268,9 @@ class SgTable:
                 if merged and size_bytes != pages_bytes:
                     raise error_for(errno.EINVAL, Reason.MERGE_PARTIAL, 0, size_bytes)
 
+        # The pfns' range is checked after the merge checks: the C's order (it checks them
+        # while counting entries).
+        self._check_pfn_range(pfns)
         starts = self._segment_starts(pfns, merged)
         chunks = len(starts)   # the kernel's name: entries this call adds
         if self.total_nents + chunks + self.chunk_entries > U32_MAX:
@@ -282,6 +297,41 @@ class SgTable:
         if left_pages == 0:
             sg_mark_end(s)
             self.final = True
+
+    def set_entries(self, rows: Sequence[int]) -> None:
+        """sg_alloc_table followed by sg_set_page per entry, as drivers build tables by hand
+        (sg_alloc_table_from_entries in C): rows holds (pfn, offset, length) per entry.  The
+        table must be empty; it becomes final."""
+        n_entries = len(rows) // 3
+        if self.final or self.prv is not None:
+            raise error_for(errno.EINVAL, Reason.TABLE_FINAL, 0, 0)
+        if n_entries == 0:
+            raise error_for(errno.EINVAL, Reason.ZERO_PAGES, 0, 0)
+        pfn_limit = (1 << (63 - self.page_shift)) - 1
+        for i in range(n_entries):
+            pfn, offset, length = rows[3 * i], rows[3 * i + 1], rows[3 * i + 2]
+            if pfn > pfn_limit:
+                raise error_for(errno.EINVAL, Reason.PFN_RANGE, i, pfn)
+            if offset > U32_MAX:
+                raise error_for(errno.EINVAL, Reason.OFFSET, i, offset)
+            if length == 0 or length > U32_MAX:
+                raise error_for(errno.EINVAL, Reason.ENTRY_LENGTH, i, length)
+        if n_entries + self.chunk_entries > U32_MAX:
+            raise error_for(errno.EINVAL, Reason.TOO_MANY_ENTRIES, 0, n_entries)
+
+        # Nothing can fail from here on.  With left_pages == 0 get_next_sg lays the entries out
+        # exactly as sg_alloc_table(n_entries) would: full chunks chained, the last one sized
+        # to what remains.
+        s: Optional[Entry] = None
+        for i in range(n_entries):
+            s = self._get_next_sg(s, n_entries - i)
+            sg_set_page(s, rows[3 * i], rows[3 * i + 2], rows[3 * i + 1])
+        assert s is not None
+        self.nents = (self.nents + n_entries) & U32_MAX
+        self.orig_nents = self.nents
+        self.prv = s
+        sg_mark_end(s)
+        self.final = True
 
     # -- queries -----------------------------------------------------------------------
     def chunk_slots(self) -> List[int]:
