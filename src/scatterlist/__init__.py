@@ -7,11 +7,14 @@ constructors also take ``engine=``.  ``scatterlist.engine`` names the default in
 
 from __future__ import annotations
 
-from . import _engine
-from .device import (DMA_BIT_MASK, Device, dma_map_sgtable, dma_sync_sgtable_for_cpu,
-                     dma_sync_sgtable_for_device, dma_unmap_sgtable)
-from .errors import (BusyError, ClosedError, DeviceUnbound, InvalidArgument, IommuFault,
-                     MappingError, OutOfMemory, Reason, ScatterlistError)
+from . import _engine, debug
+from .device import (DMA_BIT_MASK, Device, dma_map_sg, dma_map_sgtable, dma_sync_sg_for_cpu,
+                     dma_sync_sg_for_device, dma_sync_sgtable_for_cpu,
+                     dma_sync_sgtable_for_device, dma_sync_single_for_cpu,
+                     dma_sync_single_for_device, dma_unmap_sg, dma_unmap_sgtable)
+from .errors import (BusyError, ClosedError, DeviceUnbound, DmaApiError, DmaApiWarning,
+                     InvalidArgument, IommuFault, MappingError, OutOfMemory, Reason,
+                     ScatterlistError)
 from .iommu import IOMMU_READ, IOMMU_WRITE, FaultRecord, Iommu, IovaRange
 from .memory import PAGE_SIZE, Pages, PhysicalMemory
 from .sgtable import Borrowed, Owned, SGTable
@@ -33,7 +36,9 @@ __all__ = [
     "alloc_table_from_entries",
     "Iommu", "IOMMU_READ", "IOMMU_WRITE", "FaultRecord", "IovaRange",
     "Device", "DMA_BIT_MASK", "dma_map_sgtable", "dma_unmap_sgtable",
-    "dma_sync_sgtable_for_cpu", "dma_sync_sgtable_for_device",
+    "dma_sync_sgtable_for_cpu", "dma_sync_sgtable_for_device", "dma_map_sg", "dma_unmap_sg",
+    "dma_sync_sg_for_cpu", "dma_sync_sg_for_device", "dma_sync_single_for_cpu",
+    "dma_sync_single_for_device", "debug", "DmaApiError", "DmaApiWarning",
     "SGTable", "Owned", "Borrowed",
     "ScatterlistError", "InvalidArgument", "OutOfMemory", "BusyError", "ClosedError",
     "DeviceUnbound", "MappingError", "IommuFault", "Reason",

@@ -13,8 +13,9 @@ import threading
 import weakref
 from typing import Any, Callable, List, Optional, Union
 
+from . import debug
 from ._util import require_range
-from .errors import BusyError, ClosedError, InvalidArgument, Reason, error_for
+from .errors import BusyError, ClosedError, DmaApiError, InvalidArgument, Reason, error_for
 from .iommu import Iommu
 from .memory import PhysicalMemory
 from .table import DataDirection, RawTable, _Mapping
@@ -85,7 +86,7 @@ class Device:
     def __init__(self, memory: PhysicalMemory, iommu: Optional[Iommu] = None, *,
                  name: str = "device", dma_mask: int = DMA_BIT_MASK(32),
                  max_segment_size: int = 65536, seg_boundary_mask: int = _U64_MAX,
-                 max_mapping_size: int = _U64_MAX) -> None:
+                 max_mapping_size: int = _U64_MAX, debug: Optional[str] = None) -> None:
         if not isinstance(memory, PhysicalMemory):
             raise TypeError(f"memory must be a PhysicalMemory, not {type(memory).__name__}")
         mem_handle = memory._require_open()
@@ -102,6 +103,8 @@ class Device:
         self._name = str(name)
         self._handle: Any = self._engine.device_create(mem_handle, iommu_handle)
         self._closed = False
+        self._debug_mode: Optional[str] = None
+        self.debug = debug
         self._lock = threading.RLock()
         self._devres: List[_Devres] = []
         self._mappings: "weakref.WeakSet[_Mapping]" = weakref.WeakSet()
@@ -188,6 +191,48 @@ class Device:
         self._engine.device_set(self._require_open(), "max_mapping_size",
                                 require_range("max_mapping_size", value, 0, _U64_MAX))
 
+    @property
+    def debug(self) -> Optional[str]:
+        """This device's DMA-API debug mode (``off``, ``warn``, ``raise``), or None to follow
+        ``scatterlist.debug.set_mode``."""
+        return self._debug_mode
+
+    @debug.setter
+    def debug(self, mode: Optional[str]) -> None:
+        self._debug_mode = None if mode is None else debug.check_mode(mode)
+
+    @property
+    def debug_error_count(self) -> int:
+        """DMA-API debug reports made against this device."""
+        return debug.device_error_count(self)
+
+    # -- fault injection ----------------------------------------------------------------
+    def fail_maps(self, *, nth: Optional[int] = None, probability: Optional[float] = None,
+                  seed: int = 0, errno_value: int = errno.ENOMEM) -> None:
+        """Make a map call fail: the ``nth`` one from now, or each with ``probability``
+        (reproducible from ``seed``).  The failure comes late, after the IOVA block and the
+        page-table entries exist, so the rollback that leaves nothing behind is exercised.
+        ``errno_value``: ENOMEM, EINVAL or EIO.  ``fail_maps()`` with neither turns it off."""
+        handle = self._require_open()
+        if errno_value not in (errno.ENOMEM, errno.EINVAL, errno.EIO):
+            raise InvalidArgument(f"errno_value={errno_value} is not ENOMEM, EINVAL or EIO")
+        if nth is not None and probability is not None:
+            raise InvalidArgument("fail_maps takes nth or probability, not both")
+        countdown = 0 if nth is None else require_range("nth", nth, 1, _U64_MAX)
+        if probability is not None and not 0.0 <= probability <= 1.0:
+            raise InvalidArgument(f"probability={probability} is not between 0 and 1")
+        ppm = 0 if probability is None else round(probability * 1_000_000)
+        self._engine.device_set(handle, "inject_countdown", countdown)
+        self._engine.device_set(handle, "inject_ppm", ppm)
+        self._engine.device_set(handle, "inject_errno", errno_value)
+        self._engine.device_set(handle, "inject_rng_state",
+                                require_range("seed", seed, 0, _U64_MAX))
+
+    @property
+    def injected_failures(self) -> int:
+        """Map calls failed by :meth:`fail_maps` so far."""
+        return self._get("injected_failures")
+
     # -- binding ------------------------------------------------------------------------
     def bind(self) -> None:
         """Bind the device (as a driver's probe does).  Harmless when already bound."""
@@ -201,7 +246,11 @@ class Device:
         with self._lock:
             self._engine.device_set(handle, "bound", 0)
             pending, self._devres = self._devres, []
-        return sum(1 for devres in reversed(pending) if devres.revoke())
+        released = sum(1 for devres in reversed(pending) if devres.revoke())
+        # As in the kernel, dma-debug looks for leaks after the Devres releases ran.
+        if debug.mode_of(self) != "off":
+            debug.check_unbind(self)
+        return released
 
     def _register(self, release: Callable[[], None],
                   anchor: Optional[object] = None) -> _Devres:
@@ -265,7 +314,10 @@ class Device:
         if self._closed:
             return
         with self._lock:
-            self.unbind()
+            try:
+                self.unbind()
+            except DmaApiError:
+                pass  # reported; close goes on to refuse below
             if self._engine.device_get(self._handle, "live_mappings"):
                 raise BusyError(f"Device.close: {self.live_mappings} table(s) are still mapped "
                                 f"for {self._name!r}; dma_unmap_sgtable them first")
@@ -319,31 +371,133 @@ def _check_pair(dev: Device, table: RawTable) -> Any:
     return dev._require_open()
 
 
+def _dma_rows(table: RawTable, count: int) -> "list[tuple[int, int]]":
+    rows = table.export_dma(count)
+    return [(rows[2 * i], rows[2 * i + 1]) for i in range(count)]
+
+
+def _cpu_rows(table: RawTable, count: int) -> "list[tuple[int, int, int]]":
+    rows = table.export_cpu()
+    return [(rows[3 * i], rows[3 * i + 1], rows[3 * i + 2]) for i in range(count)]
+
+
+def _map(dev: Device, table: RawTable, direction: Any, nents: Optional[int]) -> int:
+    dev_handle = _check_pair(dev, table)
+    dir_value = _direction(direction)
+    if nents is not None:
+        nents = require_range("nents", nents, 0, 0xFFFFFFFF)
+    mapping, count = table._map(dev, dev_handle, dir_value, nents)
+    if debug.mode_of(dev) != "off":
+        call_ents = table.orig_nents if nents is None else nents
+        cpu, dma = _cpu_rows(table, call_ents), _dma_rows(table, count)
+        try:
+            debug.check_map(dev, cpu, dma, table.page_size, dir_value, call_ents, count)
+        except DmaApiError:
+            mapping.unmap()  # raise mode: the call changes nothing
+            raise
+        mapping.debug_entry = debug.record_map(dev, cpu, dma, table.page_size, dir_value,
+                                               call_ents, count)
+    return count
+
+
+def _unmap(dev: Device, table: RawTable, direction: Any, nents: Optional[int]) -> None:
+    dev_handle = _check_pair(dev, table)
+    dir_value = _direction(direction)
+    if nents is not None:
+        nents = require_range("nents", nents, 0, 0xFFFFFFFF)
+    mapping = table._resources.mapping
+    tracked = mapping is None or mapping.debug_entry is not None
+    if debug.mode_of(dev) != "off" and tracked and not table.closed:
+        call_ents = table.orig_nents if nents is None else nents
+        count = max(1, min(call_ents, table.orig_nents))
+        debug.check_unmap(dev, _dma_rows(table, count), dir_value, call_ents,
+                          [other for other in list(debug._records) if other is not dev])
+    table._unmap(dev, dev_handle, dir_value, nents)
+
+
+def _sync(dev: Device, table: RawTable, direction: Any, for_cpu: bool,
+          nents: Optional[int]) -> None:
+    dev_handle = _check_pair(dev, table)
+    dir_value = _direction(direction)
+    if nents is not None:
+        nents = require_range("nents", nents, 0, 0xFFFFFFFF)
+    mapping = table._resources.mapping
+    tracked = mapping is None or mapping.debug_entry is not None
+    if debug.mode_of(dev) != "off" and tracked:
+        call_ents = table.orig_nents if nents is None else nents
+        entry = mapping.debug_entry if mapping is not None else None
+        count = entry.sg_mapped_ents if entry is not None else 1
+        debug.check_sync(dev, _dma_rows(table, min(count, table.orig_nents)), dir_value,
+                         call_ents, for_cpu)
+    dev._engine.dma_sync(dev_handle, table._require_open(), dir_value, for_cpu, nents)
+
+
 def dma_map_sgtable(dev: Device, table: RawTable, direction: DataDirection) -> None:
     """``dma_map_sgtable``: map the table's ``orig_nents`` entries for ``dev``; ``nents``
     becomes the DMA segment count (smaller than ``orig_nents`` where the IOMMU merged).
     Raises (``InvalidArgument``, ``OutOfMemory``, ``MappingError``, ``DeviceUnbound``) having
     mapped nothing."""
-    dev_handle = _check_pair(dev, table)
-    dir_value = _direction(direction)
-    table._map(dev, dev_handle, dir_value)
+    _map(dev, table, direction, None)
 
 
 def dma_unmap_sgtable(dev: Device, table: RawTable, direction: DataDirection) -> None:
     """``dma_unmap_sgtable``: release the table's mapping (the whole IOVA block) with the
     device it was mapped for."""
-    dev_handle = _check_pair(dev, table)
-    table._unmap(dev, dev_handle, _direction(direction))
+    _unmap(dev, table, direction, None)
 
 
 def dma_sync_sgtable_for_cpu(dev: Device, table: RawTable, direction: DataDirection) -> None:
     """Hand the buffer to the CPU (memory here is coherent: this checks the call)."""
-    dev_handle = _check_pair(dev, table)
-    dev._engine.dma_sync(dev_handle, table._require_open(), _direction(direction), True)
+    _sync(dev, table, direction, True, None)
 
 
 def dma_sync_sgtable_for_device(dev: Device, table: RawTable, direction: DataDirection
                                 ) -> None:
     """Hand the buffer back to the device (checks the call; no bytes move)."""
-    dev_handle = _check_pair(dev, table)
-    dev._engine.dma_sync(dev_handle, table._require_open(), _direction(direction), False)
+    _sync(dev, table, direction, False, None)
+
+
+def dma_map_sg(dev: Device, table: RawTable, nents: int, direction: DataDirection) -> int:
+    """``dma_map_sg``: map the first ``nents`` entries and return the DMA segment count.
+    Unlike ``dma_map_sgtable`` it does not store the count in the table; pass the same
+    ``nents`` (not the returned count) to :func:`dma_unmap_sg` and the syncs."""
+    return _map(dev, table, direction, nents)
+
+
+def dma_unmap_sg(dev: Device, table: RawTable, nents: int, direction: DataDirection) -> None:
+    """``dma_unmap_sg``: ``nents`` must be the count passed to ``dma_map_sg``; dma-debug
+    reports the classic bug of passing the mapped count instead."""
+    _unmap(dev, table, direction, nents)
+
+
+def dma_sync_sg_for_cpu(dev: Device, table: RawTable, nents: int,
+                        direction: DataDirection) -> None:
+    _sync(dev, table, direction, True, nents)
+
+
+def dma_sync_sg_for_device(dev: Device, table: RawTable, nents: int,
+                           direction: DataDirection) -> None:
+    _sync(dev, table, direction, False, nents)
+
+
+def dma_sync_single_for_cpu(dev: Device, dma_addr: int, size: int,
+                            direction: DataDirection) -> None:
+    """Sync part of a mapping by DMA address: dma-debug checks it lies inside one mapping,
+    in the mapped direction."""
+    _sync_single(dev, dma_addr, size, direction, True)
+
+
+def dma_sync_single_for_device(dev: Device, dma_addr: int, size: int,
+                               direction: DataDirection) -> None:
+    _sync_single(dev, dma_addr, size, direction, False)
+
+
+def _sync_single(dev: Device, dma_addr: int, size: int, direction: Any, for_cpu: bool) -> None:
+    if not isinstance(dev, Device):
+        raise TypeError(f"dev must be a Device, not {type(dev).__name__}")
+    dev._require_open()
+    dir_value = _direction(direction)
+    dma_addr = require_range("dma_addr", dma_addr, 0, _U64_MAX)
+    size = require_range("size", size, 1, _U64_MAX)
+    if debug.mode_of(dev) != "off":
+        debug.check_sync(dev, [(dma_addr, size)], dir_value, None, for_cpu)

@@ -80,6 +80,21 @@ class IommuFault(ScatterlistError, OSError):  # type: ignore[misc]  # errno is a
         self.fault_reason = fault_reason
 
 
+class DmaApiError(ScatterlistError):
+    """A DMA-API misuse found by the debug layer (``scatterlist.debug``) in ``raise`` mode.
+
+    ``rule`` names the check (e.g. ``"unmap-entry-count"``); the message follows the kernel's
+    dma-debug wording and ends with the traceback of the map call where there is one."""
+
+    def __init__(self, message: str, *, rule: str = "", errno: Optional[int] = None) -> None:
+        super().__init__(message, errno=errno)
+        self.rule = rule
+
+
+class DmaApiWarning(UserWarning):
+    """A DMA-API misuse found by the debug layer in ``warn`` mode."""
+
+
 class Reason(IntEnum):
     """Why a call failed; mirrors ``enum sl_reason`` in csrc/sl_common.h."""
 

@@ -44,7 +44,7 @@ class _Mapping:
     It holds the device object, so the device (and its IOMMU and memory) outlives it."""
 
     __slots__ = ("device", "dev_handle", "table_handle", "direction", "live", "revoked",
-                 "lock", "__weakref__")
+                 "lock", "debug_entry", "__weakref__")
 
     def __init__(self, device: "Device", dev_handle: Any, table_handle: Any,
                  direction: int) -> None:
@@ -55,6 +55,7 @@ class _Mapping:
         self.live = True
         self.revoked = False  # unmapped by device unbind rather than by its owner
         self.lock = threading.Lock()
+        self.debug_entry: Any = None  # the dma-debug record, when debugging was on at map
 
     def unmap(self, *, by_unbind: bool = False) -> bool:
         """Unmap unless already unmapped; True if this call did."""
@@ -62,10 +63,17 @@ class _Mapping:
             if not self.live:
                 return False
             self.device._engine.dma_unmap(self.dev_handle, self.table_handle, self.direction)
-            self.live = False
-            self.revoked = by_unbind
-            self.device._mappings.discard(self)
+            self.finished(revoked=by_unbind)
             return True
+
+    def finished(self, *, revoked: bool = False) -> None:
+        """Bookkeeping once the engine has unmapped (the caller holds ``lock``)."""
+        from . import debug
+        self.live = False
+        self.revoked = revoked
+        self.device._mappings.discard(self)
+        debug.forget(self.device, self.debug_entry)
+        self.debug_entry = None
 
 
 class _TableResources:
@@ -260,29 +268,32 @@ class RawTable:
         info = self._engine.table_mapping(self._require_open())
         return None if info is None else DataDirection(info[0])
 
-    def _map(self, device: "Device", dev_handle: Any, direction: int) -> _Mapping:
+    def _map(self, device: "Device", dev_handle: Any, direction: int,
+             nents: Optional[int] = None) -> "tuple[_Mapping, int]":
+        """Map (dma_map_sgtable, or dma_map_sg with nents); returns the mapping and the DMA
+        segment count."""
         with self._lock:
             handle = self._require_open()
-            self._engine.dma_map(dev_handle, handle, direction)
+            count = self._engine.dma_map(dev_handle, handle, direction, nents)
             mapping = _Mapping(device, dev_handle, handle, direction)
             self._resources.mapping = mapping
             device._mappings.add(mapping)
             self._changed()
-            return mapping
+            return mapping, count
 
-    def _unmap(self, device: "Device", dev_handle: Any, direction: int) -> None:
+    def _unmap(self, device: "Device", dev_handle: Any, direction: int,
+               nents: Optional[int] = None) -> None:
         with self._lock:
             handle = self._require_open()
             mapping = self._resources.mapping
             if mapping is not None and mapping.live and mapping.dev_handle is dev_handle:
                 with mapping.lock:
-                    self._engine.dma_unmap(dev_handle, handle, direction)
-                    mapping.live = False
-                    device._mappings.discard(mapping)
+                    self._engine.dma_unmap(dev_handle, handle, direction, nents)
+                    mapping.finished()
+                self._resources.mapping = None
             else:
                 # Not mapped, or mapped for another device: the engine says which.
-                self._engine.dma_unmap(dev_handle, handle, direction)
-            self._resources.mapping = None
+                self._engine.dma_unmap(dev_handle, handle, direction, nents)
             self._changed()
 
     # -- reading ------------------------------------------------------------------------
