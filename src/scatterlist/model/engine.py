@@ -10,6 +10,7 @@ from __future__ import annotations
 from array import array
 from typing import Any, List, Tuple
 
+from .dma import DmaEngineMixin
 from .physmem import PhysMem
 from .table import SgTable
 
@@ -63,7 +64,7 @@ def _table(table: Any) -> SgTable:
     return table
 
 
-class ModelEngine:
+class ModelEngine(DmaEngineMixin):
     """The pure-Python engine: the oracle the C core is tested against."""
 
     name = "model"

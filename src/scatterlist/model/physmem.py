@@ -20,6 +20,7 @@ pfn-by-pfn walk but lets an untouched group be handled in one step.
 from __future__ import annotations
 
 import errno
+import threading
 from array import array
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -81,6 +82,9 @@ class PhysMem:
         self.n_free = self.n_pages
         self.groups: Dict[int, PageGroup] = {}   # group index -> state; missing = all free
         self.frames: Dict[int, bytearray] = {}   # pfn -> page bytes; missing = zeros
+        # Devices on several threads may share a memory: as in the C, every public call that
+        # reads or changes the pages holds this lock (public calls never nest).
+        self.lock = threading.Lock()
 
     # -- counters ----------------------------------------------------------------------
     @property
@@ -89,8 +93,9 @@ class PhysMem:
         return len(self.frames)
 
     def destroy(self) -> None:
-        self.groups.clear()
-        self.frames.clear()
+        with self.lock:
+            self.groups.clear()
+            self.frames.clear()
 
     # -- allocation state --------------------------------------------------------------
     def is_allocated(self, pfn: int) -> bool:
@@ -187,6 +192,10 @@ class PhysMem:
             raise error_for(errno.EINVAL, Reason.LAYOUT, 0, layout & U64_MASK)
         if n_pages == 0:
             raise error_for(errno.EINVAL, Reason.ZERO_PAGES, 0, 0)
+        with self.lock:
+            return self._alloc_pages_locked(n_pages, layout, seed)
+
+    def _alloc_pages_locked(self, n_pages: int, layout: int, seed: int) -> "array[int]":
         chosen: Optional["array[int]"] = None
         if n_pages <= self.n_free:
             if layout == LAYOUT_CONTIGUOUS:
@@ -212,6 +221,10 @@ class PhysMem:
     def free_pages(self, pfns: Sequence[int]) -> None:
         """physmem_free_pages_list: frees every listed page and drops its contents, or frees
         nothing if any pfn is out of range, not allocated, or listed twice."""
+        with self.lock:
+            self._free_pages_locked(pfns)
+
+    def _free_pages_locked(self, pfns: Sequence[int]) -> None:
         for i, pfn in enumerate(pfns):
             if pfn >= self.n_pages:
                 raise error_for(errno.EINVAL, Reason.PHYS_RANGE, i, pfn)
@@ -251,22 +264,24 @@ class PhysMem:
     def read_into(self, phys: int, out: memoryview) -> None:
         """Fills out (format "B") with the bytes at phys; unwritten bytes read as zero."""
         self.check_range(phys, len(out))
+        with self.lock:
+            self._read_into_locked(phys, out, out_is_zero=False)
+
+    def _read_into_locked(self, phys: int, out: memoryview, out_is_zero: bool) -> None:
         for pfn, in_page, at, piece in self._pieces(phys, len(out)):
             frame = self.frames.get(pfn)
             if frame is None:
-                out[at:at + piece] = bytes(piece)
+                if not out_is_zero:
+                    out[at:at + piece] = bytes(piece)
             else:
                 out[at:at + piece] = frame[in_page:in_page + piece]
 
     def read(self, phys: int, n_bytes: int) -> bytes:
+        """The n_bytes at phys; unwritten bytes read as zero."""
         self.check_range(phys, n_bytes)
-        out = bytearray(n_bytes)   # already zero: only pages with frames need copying
-        if self.frames:
-            view = memoryview(out)
-            for pfn, in_page, at, piece in self._pieces(phys, n_bytes):
-                frame = self.frames.get(pfn)
-                if frame is not None:
-                    view[at:at + piece] = frame[in_page:in_page + piece]
+        out = bytearray(n_bytes)
+        with self.lock:
+            self._read_into_locked(phys, memoryview(out), out_is_zero=True)
         return bytes(out)
 
     def write(self, phys: int, data: memoryview) -> None:
@@ -274,6 +289,11 @@ class PhysMem:
         page the allocator has not handed out, as the C does)."""
         n_bytes = len(data)
         self.check_range(phys, n_bytes)
+        with self.lock:
+            self._write_locked(phys, data)
+
+    def _write_locked(self, phys: int, data: memoryview) -> None:
+        n_bytes = len(data)
         frames: List[bytearray] = []
         for pfn, _, _, _ in self._pieces(phys, n_bytes):
             frame = self.frames.get(pfn)

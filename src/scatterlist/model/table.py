@@ -157,6 +157,7 @@ class SgTable:
         self.dma_dir = 0
         self.dma_iova = 0
         self.dma_iova_len = 0
+        self.dma_map_nents = 0
 
     def free_entries(self) -> None:
         """sg_free_table: drops the chunks; the counters stay as they were."""
