@@ -35,8 +35,8 @@ int physmem_create(uint64_t size_bytes, uint32_t page_size, struct physmem **out
     *out = NULL;
     if (!is_valid_page_size(page_size))
         return sl_fail(EINVAL, SL_REASON_PAGE_SIZE, 0, page_size);
-    /* 2^52 bytes keeps every address and count comfortably inside 64 bits. */
-    if (size_bytes == 0 || size_bytes % page_size != 0 || size_bytes > (UINT64_C(1) << 52))
+    /* 64 TiB: the group directory stays a lazily backed array of at most 2^25 pointers. */
+    if (size_bytes == 0 || size_bytes % page_size != 0 || size_bytes > (UINT64_C(1) << 46))
         return sl_fail(EINVAL, SL_REASON_MEMORY_SIZE, 0, size_bytes);
     struct physmem *mem = calloc(1, sizeof(*mem));
     if (!mem)

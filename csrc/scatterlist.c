@@ -320,8 +320,6 @@ int sg_alloc_append_table_from_pages(struct sl_table *table, const uint64_t *pfn
     const uint64_t page_size = table->page_size;
     if (table->final)
         return sl_fail(EINVAL, SL_REASON_TABLE_FINAL, 0, 0);
-    if (table->dma_dev)
-        return sl_fail(EBUSY, SL_REASON_TABLE_MAPPED, 0, 0);
     if (n_pages == 0)
         return sl_fail(EINVAL, SL_REASON_ZERO_PAGES, 0, 0);
     if (table->prv && offset != 0)

@@ -19,7 +19,7 @@ def state(t: sg.RawTable):
 
 
 @pytest.mark.parametrize("kwargs, pfns, needle, reason", [
-    ({}, [], "pfns is empty", sg.Reason.ZERO_PAGES),
+    ({}, [], "no pages: at least one page", sg.Reason.ZERO_PAGES),
     ({"max_segment": 0}, [0], "max_segment=0", sg.Reason.MAX_SEGMENT),
     ({"max_segment": 4095}, [0], "max_segment=4095", sg.Reason.MAX_SEGMENT),
     ({"max_segment": -1}, [0], "max_segment=-1", sg.Reason.MAX_SEGMENT),
@@ -85,7 +85,7 @@ def test_append_after_final_call(table_from):
 
 
 @pytest.mark.parametrize("pfns, kwargs, needle", [
-    ([], {}, "pfns is empty"),
+    ([], {}, "no pages"),
     ([10], {"size": 0}, "size=0"),
     ([10], {"size": 5000}, "size=5000"),
     ([2, 1 << 60], {}, "pfns[1]="),

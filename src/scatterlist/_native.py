@@ -55,6 +55,8 @@ class NativeEngine:
                 lib.physmem_resident_pages(mem))
 
     def memory_alloc_pages(self, mem: Any, n_pages: int, layout: int, seed: int) -> "array[int]":
+        if n_pages > lib.physmem_free_pages(mem):  # refuse before sizing the result buffer
+            _check(lib.physmem_alloc_pages(mem, n_pages, layout, seed, ffi.NULL))
         pfns = _u64_array(n_pages)
         _check(lib.physmem_alloc_pages(mem, n_pages, layout, seed,
                                        ffi.from_buffer("uint64_t[]", pfns)))
@@ -64,12 +66,15 @@ class NativeEngine:
         _check(lib.physmem_free_pages_list(mem, ffi.from_buffer("uint64_t[]", pfns), len(pfns)))
 
     def memory_read(self, mem: Any, phys: int, n_bytes: int) -> bytes:
+        limit = lib.physmem_n_pages(mem) * lib.physmem_page_size(mem)
+        if phys > limit or n_bytes > limit - phys:  # refuse before sizing the result buffer
+            _check(lib.physmem_read(mem, phys, ffi.NULL, n_bytes))  # fails its range check
         buf = ffi.new("uint8_t[]", n_bytes)
         _check(lib.physmem_read(mem, phys, buf, n_bytes))
         return ffi.buffer(buf)[:]
 
     def memory_write(self, mem: Any, phys: int, data: memoryview) -> None:
-        _check(lib.physmem_write(mem, phys, ffi.from_buffer(data), len(data)))
+        _check(lib.physmem_write(mem, phys, ffi.from_buffer(data), data.nbytes))
 
     # -- tables ----------------------------------------------------------------------------
     def table_create(self, page_size: int, max_segment_bytes: int) -> Any:

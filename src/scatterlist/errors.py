@@ -160,8 +160,8 @@ class Reason(IntEnum):
 
 
 _MESSAGES = {
-    Reason.ZERO_PAGES: "pfns is empty: a table needs at least one page "
-                       "(the kernel builds a bogus entry from pages[0] here)",
+    Reason.ZERO_PAGES: "no pages: at least one page (or entry) is needed; for an empty "
+                       "page array the kernel builds a bogus entry from pages[0]",
     Reason.MAX_SEGMENT: "max_segment={value} is below one page after rounding down to whole pages",
     Reason.OFFSET: "offset={value} is not inside the first page",
     Reason.SIZE: "size={value} does not end inside the last page",
@@ -186,7 +186,7 @@ _MESSAGES = {
     Reason.NENTS_FOR_LEN: "the list ends after {index} entries ({value} bytes) before the "
                           "requested length",
     Reason.MEMORY_SIZE: "size={value} is not a positive multiple of the page size "
-                        "(at most 2**52 bytes)",
+                        "(at most 2**46 bytes, 64 TiB)",
     Reason.DUPLICATE_PFN: "pfns[{index}]={value} is listed twice",
     Reason.TABLE_MAPPED: "the table is DMA-mapped: unmap it before changing, remapping or "
                          "freeing it",

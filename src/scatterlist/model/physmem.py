@@ -28,7 +28,7 @@ from ..errors import Reason, error_for
 
 GROUP_PAGES = 512  # SL_GROUP_PAGES
 U64_MASK = (1 << 64) - 1
-MAX_MEMORY_BYTES = 1 << 52
+MAX_MEMORY_BYTES = 1 << 46
 
 LAYOUT_CONTIGUOUS = 0
 LAYOUT_SCATTERED = 1

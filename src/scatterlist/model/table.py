@@ -232,8 +232,6 @@ class SgTable:
         n_pages = len(pfns)
         if self.final:
             raise error_for(errno.EINVAL, Reason.TABLE_FINAL, 0, 0)
-        if self.dma_dev is not None:
-            raise error_for(errno.EBUSY, Reason.TABLE_MAPPED, 0, 0)
         if n_pages == 0:
             raise error_for(errno.EINVAL, Reason.ZERO_PAGES, 0, 0)
         if self.prv is not None and offset != 0:
