@@ -111,6 +111,9 @@ void sl_chunk_cache_drain(void);
 #define IOVA_MASK_ALL ...
 struct iova_range { uint64_t pfn_lo; uint64_t pfn_hi; uint32_t state; uint32_t reserved_pad; };
 struct iova_domain;
+int iova_alloc(struct iova_domain *dom, uint64_t size_granules, uint64_t limit_pfn,
+               uint64_t *pfn_out);
+int iova_free(struct iova_domain *dom, uint64_t pfn, uint64_t size_granules);
 int iova_reserve(struct iova_domain *dom, uint64_t lo_pfn, uint64_t hi_pfn);
 uint64_t iova_live_ranges(const struct iova_domain *dom);
 uint64_t iova_live_granules(const struct iova_domain *dom);

@@ -7,7 +7,7 @@ constructors also take ``engine=``.  ``scatterlist.engine`` names the default in
 
 from __future__ import annotations
 
-from . import _engine, debug
+from . import _engine, debug, faults
 from .device import (DMA_BIT_MASK, Device, dma_map_sg, dma_map_sgtable, dma_sync_sg_for_cpu,
                      dma_sync_sg_for_device, dma_sync_sgtable_for_cpu,
                      dma_sync_sgtable_for_device, dma_sync_single_for_cpu,
@@ -38,7 +38,7 @@ __all__ = [
     "Device", "DMA_BIT_MASK", "dma_map_sgtable", "dma_unmap_sgtable",
     "dma_sync_sgtable_for_cpu", "dma_sync_sgtable_for_device", "dma_map_sg", "dma_unmap_sg",
     "dma_sync_sg_for_cpu", "dma_sync_sg_for_device", "dma_sync_single_for_cpu",
-    "dma_sync_single_for_device", "debug", "DmaApiError", "DmaApiWarning",
+    "dma_sync_single_for_device", "debug", "faults", "DmaApiError", "DmaApiWarning",
     "SGTable", "Owned", "Borrowed",
     "ScatterlistError", "InvalidArgument", "OutOfMemory", "BusyError", "ClosedError",
     "DeviceUnbound", "MappingError", "IommuFault", "Reason",

@@ -144,6 +144,11 @@ class Engine(Protocol):
 
     def iommu_reserve(self, iommu: Any, lo_pfn: int, hi_pfn: int) -> None: ...
 
+    def iommu_iova_alloc(self, iommu: Any, size_granules: int, limit_pfn: int) -> int:
+        """iova_alloc: a live IOVA range outside any mapping (fault injection)."""
+
+    def iommu_iova_free(self, iommu: Any, pfn: int, size_granules: int) -> None: ...
+
     # -- devices and DMA mapping (csrc/dma.c) ---------------------------------------------
     def device_create(self, mem: Any, iommu: Optional[Any]) -> Any:
         """A bound device with the kernel's defaults."""

@@ -231,6 +231,22 @@ class NativeEngine:
         finally:
             lib.sl_iommu_unlock(iommu)
 
+    def iommu_iova_alloc(self, iommu: Any, size_granules: int, limit_pfn: int) -> int:
+        pfn = ffi.new("uint64_t *")
+        lib.sl_iommu_lock(iommu)
+        try:
+            _check(lib.iova_alloc(lib.sl_iommu_iovad(iommu), size_granules, limit_pfn, pfn))
+        finally:
+            lib.sl_iommu_unlock(iommu)
+        return int(pfn[0])
+
+    def iommu_iova_free(self, iommu: Any, pfn: int, size_granules: int) -> None:
+        lib.sl_iommu_lock(iommu)
+        try:
+            _check(lib.iova_free(lib.sl_iommu_iovad(iommu), pfn, size_granules))
+        finally:
+            lib.sl_iommu_unlock(iommu)
+
     # -- devices and DMA --------------------------------------------------------------------
     def device_create(self, mem: Any, iommu: Optional[Any]) -> Any:
         out = ffi.new("struct dma_device **")

@@ -452,6 +452,14 @@ class DmaEngineMixin:
         with iommu.lock:
             iommu.iovad.reserve(lo_pfn, hi_pfn)
 
+    def iommu_iova_alloc(self, iommu: Iommu, size_granules: int, limit_pfn: int) -> int:
+        with iommu.lock:
+            return iommu.iovad.alloc(size_granules, limit_pfn)
+
+    def iommu_iova_free(self, iommu: Iommu, pfn: int, size_granules: int) -> None:
+        with iommu.lock:
+            iommu.iovad.free(pfn, size_granules)
+
     def device_create(self, mem: PhysMem, iommu: Optional[Iommu]) -> Device:
         return Device(mem, iommu)
 

@@ -1,0 +1,83 @@
+"""Fault injection for device models and driver tests.
+
+- :meth:`scatterlist.Device.fail_maps`: the Nth map call, or maps with a seeded probability,
+  fail with a chosen errno, after the IOVA block and page-table entries were made, so the
+  rollback runs;
+- :func:`exhaust_iova`: no IOVA space left while the ``with`` block runs;
+- :func:`drop_mapping` and :func:`restrict_permissions`: take pages away from a live DMA
+  mapping, or change what the device may do with them, while the device uses it: its next
+  access there faults (IommuFault) and is logged in the IOMMU's fault log.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, List, Optional, Tuple
+
+from ._util import require_range
+from .errors import InvalidArgument, OutOfMemory
+from .iommu import Iommu
+
+
+@contextmanager
+def exhaust_iova(iommu: Iommu, limit: Optional[int] = None) -> Iterator[int]:
+    """Occupy every free IOVA range below ``limit`` (default: the whole aperture) while the
+    block runs; yields the number of granules taken.  Mappings made inside fail with
+    ``OutOfMemory`` (the kernel's -ENOMEM).  Everything is given back on exit."""
+    handle = iommu._require_open()
+    engine = iommu._engine
+    shift = iommu.granule.bit_length() - 1
+    last = (1 << iommu.aperture_bits) - 1 if limit is None else require_range(
+        "limit", limit, 0, (1 << 64) - 1)
+    limit_pfn = last >> shift
+    taken: List[Tuple[int, int]] = []
+    size = 1 << max(limit_pfn.bit_length() - 1, 0)
+    try:
+        # Largest aligned blocks first, halving on failure: a few blocks per free gap.
+        while size >= 1:
+            try:
+                taken.append((engine.iommu_iova_alloc(handle, size, limit_pfn), size))
+            except OutOfMemory:
+                size //= 2
+        yield sum(granules for _, granules in taken)
+    finally:
+        for pfn, granules in reversed(taken):
+            engine.iommu_iova_free(handle, pfn, granules)
+
+
+def drop_mapping(iommu: Iommu, iova: int, size_bytes: int) -> int:
+    """Unmap pages of a live mapping behind the driver's back; returns the bytes dropped.
+    Unmapping the table later still succeeds and releases the rest."""
+    dropped = 0
+    granule = iommu.granule
+    start = require_range("iova", iova, 0, (1 << 64) - 1) // granule * granule
+    end = start + -(-require_range("size_bytes", size_bytes, 1, 1 << 62) // granule) * granule
+    for page in range(start, end, granule):
+        if iommu.lookup(page) is not None:
+            dropped += iommu.unmap(page, granule)
+    return dropped
+
+
+def restrict_permissions(iommu: Iommu, iova: int, size_bytes: int, prot: int) -> int:
+    """Give the mapped pages in ``[iova, iova + size_bytes)`` the permission bits ``prot``
+    (``IOMMU_READ``, ``IOMMU_WRITE``, both or 0); returns the pages changed."""
+    prot = require_range("prot", prot, 0, 3)
+    granule = iommu.granule
+    start = require_range("iova", iova, 0, (1 << 64) - 1) // granule * granule
+    end = start + -(-require_range("size_bytes", size_bytes, 1, 1 << 62) // granule) * granule
+    changed = 0
+    for page in range(start, end, granule):
+        found = iommu.lookup(page)
+        if found is None:
+            continue
+        phys = found[0] // granule * granule
+        iommu.unmap(page, granule)
+        iommu.map(page, phys, granule, prot)
+        changed += 1
+    if changed == 0:
+        raise InvalidArgument(f"restrict_permissions: nothing is mapped in [{iova:#x}, "
+                              f"{iova + size_bytes:#x})")
+    return changed
+
+
+__all__ = ["exhaust_iova", "drop_mapping", "restrict_permissions"]
