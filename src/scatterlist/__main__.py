@@ -22,6 +22,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_soak(args: argparse.Namespace) -> int:
+    from .bench import soak
+
+    every = max(args.cycles // 10, 1)
+    print(f"scatterlist soak: {args.cycles} create-map-write-read-unmap-close cycles "
+          f"({args.engine} engine)", flush=True)
+    samples = soak(args.cycles, args.engine, every, lambda line: print("  " + line, flush=True))
+    if len(samples) >= 3:
+        # Growth after warm-up (the first sample) must stay within the allowance.
+        growth = samples[-1] - samples[0]
+        print(f"resident growth after the first {every} cycles: {growth / 2**20:.2f} MiB "
+              f"(allowed {args.max_growth_mib} MiB)")
+        if growth > args.max_growth_mib * 2**20:
+            print("FAIL: resident memory keeps growing")
+            return 1
+    print("soak OK")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     import scatterlist as sg
 
@@ -49,6 +68,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     bench.add_argument("--native-only", action="store_true")
     bench.add_argument("-v", "--verbose", action="store_true")
     bench.set_defaults(func=cmd_bench)
+    soak = sub.add_parser("soak", help="many map/unmap cycles; resident memory must stay flat")
+    soak.add_argument("--cycles", type=int, default=100_000)
+    soak.add_argument("--engine", choices=["native", "model"], default="native")
+    soak.add_argument("--max-growth-mib", type=float, default=8.0)
+    soak.set_defaults(func=cmd_soak)
     demo = sub.add_parser("demo", help="build a small table and print it")
     demo.add_argument("--engine", choices=["native", "model"])
     demo.set_defaults(func=cmd_demo)

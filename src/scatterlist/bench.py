@@ -102,3 +102,43 @@ def format_table(results: Sequence[Result]) -> str:
                  if native is not None and model is not None else f"{'-':>14}")
         lines.append("".join(cells) + ratio)
     return "\n".join(lines)
+
+
+def resident_bytes() -> int:
+    """This process's resident set size, in bytes (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * 4096
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def soak(cycles: int, engine: str = "native", report_every: int = 10_000,
+         progress: Callable[[str], None] = lambda line: None) -> List[int]:
+    """``cycles`` times: allocate pages, build and map an owned SGTable for a device behind an
+    IOMMU, write and read through the device, close (unmap, free entries, free pages).
+    Returns the resident size sampled every ``report_every`` cycles."""
+    from .device import Device
+    from .iommu import Iommu
+    from .sgtable import SGTable
+    from .table import DataDirection
+
+    samples: List[int] = []
+    with PhysicalMemory(1 << 30, engine=engine) as mem, Iommu(mem) as iommu, \
+            Device(mem, iommu=iommu, dma_mask=(1 << 64) - 1) as dev:
+        payload = bytes(range(256)) * 16
+        for cycle in range(1, cycles + 1):
+            pages = mem.alloc_pages(1 + cycle % 16, "random", seed=cycle)
+            with SGTable.new(dev, pages, DataDirection.BIDIRECTIONAL) as table:
+                dev.dma_write_table(table, payload)
+                if dev.dma_read_table(table, len(payload)) != payload:
+                    raise AssertionError(f"cycle {cycle}: data did not round-trip")
+            if cycle % report_every == 0:
+                samples.append(resident_bytes())
+                progress(f"cycle {cycle:>8}: resident {samples[-1] / 2**20:8.1f} MiB, "
+                         f"IOMMU pages mapped {iommu.mapped_pages}, free pages "
+                         f"{mem.free_pages}")
+        if iommu.mapped_pages or iommu.iova_ranges() or dev.live_mappings or \
+                mem.free_pages != mem.n_pages:
+            raise AssertionError("soak: something was left mapped or allocated")
+    return samples
