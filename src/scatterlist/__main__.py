@@ -9,15 +9,17 @@ from typing import List, Optional
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import DEFAULT_SIZES, LAYOUTS, bench_build, format_table
+    from .bench import DEFAULT_SIZES, LAYOUTS, bench_build, bench_dma, format_table
 
     sizes = [1_000, 65_536] if args.quick else (args.sizes or list(DEFAULT_SIZES))
     engines = ["native"] if args.native_only else ["native", "model"]
     print(f"scatterlist bench: Python {platform.python_version()} on {platform.machine()}, "
           f"median of up to {args.runs} runs per case", flush=True)
-    results = bench_build(sizes, args.layouts or LAYOUTS, engines, args.runs,
-                          progress=(lambda line: print("  " + line, flush=True))
-                          if args.verbose else (lambda line: None))
+    progress = ((lambda line: print("  " + line, flush=True)) if args.verbose
+                else (lambda line: None))
+    results = bench_build(sizes, args.layouts or LAYOUTS, engines, args.runs, progress)
+    if not args.no_dma:
+        results += bench_dma(sizes, engines, args.runs, progress)
     print(format_table(results))
     return 0
 
@@ -66,6 +68,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     bench.add_argument("--runs", type=int, default=15, help="runs per case (median taken)")
     bench.add_argument("--quick", action="store_true", help="small sizes only")
     bench.add_argument("--native-only", action="store_true")
+    bench.add_argument("--no-dma", action="store_true", help="table building only")
     bench.add_argument("-v", "--verbose", action="store_true")
     bench.set_defaults(func=cmd_bench)
     soak = sub.add_parser("soak", help="many map/unmap cycles; resident memory must stay flat")
