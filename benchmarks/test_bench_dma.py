@@ -56,7 +56,7 @@ def test_device_read_1mib(benchmark, engine):
     pages = mem.alloc_pages(256, "scattered")
     payload = bytes(range(256)) * 4096
     with sg.SGTable.new(dev, pages, Dir.BIDIRECTIONAL) as table:
-        table._raw_table().copy_from_buffer(mem, payload)
+        table.copy_from_buffer(payload)
         first = next(iter(table)).dma_address
         benchmark.group = "device read 1 MiB through the IOMMU"
         # 256 scattered pages merge into 16 segments of 64 KiB, contiguous in IOVA space.

@@ -206,6 +206,30 @@ class SGTable(Generic[S]):
             self._raw._resources.mapping is not None and \
             self._raw._resources.mapping.revoked
 
+    def copy_from_buffer(self: "SGTable[Owned[Any]]", data: Any, skip: int = 0) -> int:
+        """The CPU writes ``data`` into the table's pages (``sg_pcopy_from_buffer``), starting
+        ``skip`` bytes in; returns the bytes written."""
+        assert self._device is not None
+        return self._raw_table().copy_from_buffer(self._device.memory, data, skip)
+
+    def copy_to_buffer(self: "SGTable[Owned[Any]]", n_bytes: Optional[int] = None,
+                       skip: int = 0) -> bytes:
+        """The CPU reads the table's data (``sg_pcopy_to_buffer``)."""
+        assert self._device is not None
+        return self._raw_table().copy_to_buffer(self._device.memory, n_bytes, skip)
+
+    def sync_for_cpu(self: "SGTable[Owned[Any]]") -> None:
+        """``dma_sync_sgtable_for_cpu`` with the table's device and direction."""
+        from .device import dma_sync_sgtable_for_cpu
+        assert self._device is not None and self._direction is not None
+        dma_sync_sgtable_for_cpu(self._device, self._raw_table(), self._direction)
+
+    def sync_for_device(self: "SGTable[Owned[Any]]") -> None:
+        """``dma_sync_sgtable_for_device`` with the table's device and direction."""
+        from .device import dma_sync_sgtable_for_device
+        assert self._device is not None and self._direction is not None
+        dma_sync_sgtable_for_device(self._device, self._raw_table(), self._direction)
+
     def close(self: "SGTable[Owned[Any]]") -> None:
         """Unmap (unless unbind already did), free the entries, release the pages: the Rust
         drop order.  Idempotent."""
