@@ -242,11 +242,23 @@ static int reserve_chunks(struct sl_table *table, uint64_t n_entries, uint64_t l
     if (!plan)
         return sl_fail(ENOMEM, SL_REASON_NO_MEMORY, 0, 0);
     uint64_t n_allocs = 0;
-    for (uint64_t i = 0; i < n_entries; i++) {
-        uint32_t alloc_size = next_slot_alloc_size(table, &cursor, n_entries - i + left_pages);
+    /* The same decisions as next_slot_alloc_size per entry, taken a chunk at a time: the
+     * slots before a chunk's last one are used in turn; the last one only by an entry that is
+     * the last still needed; otherwise a new chunk of min(needed, chunk_entries) slots. */
+    for (uint64_t placed = 0; placed < n_entries;) {
+        if (cursor.have_cur) {
+            uint64_t free_slots = cursor.n_slots - 2 - cursor.slot; /* before the last slot */
+            uint64_t take = free_slots < n_entries - placed ? free_slots : n_entries - placed;
+            placed += take;
+            cursor.slot += (uint32_t)take;
+            if (placed == n_entries)
+                break;
+        }
+        uint32_t alloc_size = next_slot_alloc_size(table, &cursor, n_entries - placed + left_pages);
         if (alloc_size)
             plan[n_allocs++] = alloc_size;
         cursor_advance(&cursor, alloc_size);
+        placed++;
     }
     if (table->n_chunks + n_allocs > table->chunks_capacity) {
         uint64_t capacity = table->chunks_capacity ? table->chunks_capacity : 4;
