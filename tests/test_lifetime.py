@@ -116,3 +116,36 @@ def test_dropped_pages_return_to_memory(engine):
     gc.collect()
     assert mem.free_pages == mem.n_pages
     mem.close()
+
+
+def test_close_racing_with_use_never_reads_freed_memory(engine):
+    """A table, memory or device closed on one thread while another uses it: the user sees
+    ClosedError or a full result, never freed memory."""
+    import threading
+
+    mem = sg.PhysicalMemory(1 << 24, engine=engine)
+    errors = []
+    for _ in range(100):
+        table = sg.alloc_table_from_pages(list(range(0, 2000, 2)), engine=engine)
+        pages = mem.alloc_pages(3)
+        results = []
+
+        def reader():
+            try:
+                for _ in range(20):
+                    rows = table.export_cpu()
+                    results.append(len(rows))
+                    mem.read(0, 64)
+            except sg.ClosedError:
+                pass
+            except Exception as exc:  # pragma: no cover - the failure being tested for
+                errors.append(exc)
+
+        thread = threading.Thread(target=reader)
+        thread.start()
+        table.close()
+        pages.close()
+        thread.join()
+        assert all(count == 3000 for count in results)
+    assert errors == []
+    mem.close()

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import errno
+import functools
 from array import array
-from typing import Any, Iterable, Union
+from typing import Any, Callable, Iterable, TypeVar, Union, cast
 
 from .errors import InvalidArgument, Reason, error_for
 
@@ -74,3 +75,18 @@ def as_pfn_view(pfns: PfnsLike, name: str = "pfns") -> memoryview:
     except TypeError as exc:
         raise TypeError(f"{name} must hold integers: {exc}") from None
     return memoryview(converted)
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def locked(method: F) -> F:
+    """Run the method holding the object's ``_lock``: a ``close()`` on another thread then
+    cannot free the C object while this call uses it."""
+
+    @functools.wraps(method)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return cast(F, wrapper)

@@ -14,7 +14,7 @@ import weakref
 from typing import Any, Callable, List, Optional, Union
 
 from . import debug
-from ._util import require_range
+from ._util import locked, require_range
 from .errors import BusyError, ClosedError, DmaApiError, InvalidArgument, Reason, error_for
 from .iommu import Iommu
 from .memory import PhysicalMemory
@@ -143,16 +143,23 @@ class Device:
         return self._iommu
 
     @property
+    @locked
     def bound(self) -> bool:
         return bool(self._engine.device_get(self._require_open(), "bound"))
 
     @property
+    @locked
     def live_mappings(self) -> int:
         """Tables mapped for this device and not yet unmapped."""
         return int(self._engine.device_get(self._require_open(), "live_mappings"))
 
+    @locked
     def _get(self, field: str) -> int:
         return int(self._engine.device_get(self._require_open(), field))
+
+    @locked
+    def _set(self, field: str, value: int) -> None:
+        self._engine.device_set(self._require_open(), field, value)
 
     @property
     def dma_mask(self) -> int:
@@ -160,7 +167,7 @@ class Device:
 
     @dma_mask.setter
     def dma_mask(self, value: int) -> None:
-        self._engine.device_set(self._require_open(), "dma_mask",
+        self._set("dma_mask",
                                 _low_bits_mask("dma_mask", value, self._memory.page_size - 1))
 
     @property
@@ -169,7 +176,7 @@ class Device:
 
     @max_segment_size.setter
     def max_segment_size(self, value: int) -> None:
-        self._engine.device_set(self._require_open(), "max_segment_size",
+        self._set("max_segment_size",
                                 require_range("max_segment_size", value, 1, 0xFFFFFFFF))
 
     @property
@@ -178,7 +185,7 @@ class Device:
 
     @seg_boundary_mask.setter
     def seg_boundary_mask(self, value: int) -> None:
-        self._engine.device_set(self._require_open(), "seg_boundary_mask",
+        self._set("seg_boundary_mask",
                                 _low_bits_mask("seg_boundary_mask", value,
                                                self._memory.page_size - 1))
 
@@ -188,7 +195,7 @@ class Device:
 
     @max_mapping_size.setter
     def max_mapping_size(self, value: int) -> None:
-        self._engine.device_set(self._require_open(), "max_mapping_size",
+        self._set("max_mapping_size",
                                 require_range("max_mapping_size", value, 0, _U64_MAX))
 
     @property
@@ -207,6 +214,7 @@ class Device:
         return debug.device_error_count(self)
 
     # -- fault injection ----------------------------------------------------------------
+    @locked
     def fail_maps(self, *, nth: Optional[int] = None, probability: Optional[float] = None,
                   seed: int = 0, errno_value: int = errno.ENOMEM) -> None:
         """Make a map call fail: the ``nth`` one from now, or each with ``probability``
@@ -236,7 +244,7 @@ class Device:
     # -- binding ------------------------------------------------------------------------
     def bind(self) -> None:
         """Bind the device (as a driver's probe does).  Harmless when already bound."""
-        self._engine.device_set(self._require_open(), "bound", 1)
+        self._set("bound", 1)
 
     def unbind(self) -> int:
         """Unbind: refuse new mappings, then release every resource registered against the
@@ -272,6 +280,7 @@ class Device:
                 self._devres.remove(devres)
 
     # -- device-side access -------------------------------------------------------------
+    @locked
     def dma_read(self, dma_addr: int, n: int) -> bytes:
         """The device reads ``n`` bytes at DMA address ``dma_addr``: through the IOMMU, or
         straight from memory without one.  ``IommuFault`` (nothing read) on a bad access."""
@@ -279,6 +288,7 @@ class Device:
         return self._engine.dma_read(handle, require_range("dma_addr", dma_addr, 0, _U64_MAX),
                                      require_range("n", n, 0, (1 << 40)))
 
+    @locked
     def dma_write(self, dma_addr: int, data: Any) -> None:
         """The device writes ``data`` at DMA address ``dma_addr``; ``IommuFault`` (nothing
         written) on a bad access."""
@@ -286,6 +296,7 @@ class Device:
         self._engine.dma_write(handle, require_range("dma_addr", dma_addr, 0, _U64_MAX),
                                memoryview(data).cast("B"))
 
+    @locked
     def dma_read_table(self, table: Union[RawTable, "Any"], n_bytes: Optional[int] = None
                        ) -> bytes:
         """The device reads the table's ``nents`` DMA segments in order into one buffer (the
@@ -298,6 +309,7 @@ class Device:
         return self._engine.dma_read_sg(handle, table_handle,
                                         require_range("n_bytes", n_bytes, 0, 1 << 40))
 
+    @locked
     def dma_write_table(self, table: Union[RawTable, "Any"], data: Any) -> int:
         """The device writes ``data`` across the table's DMA segments in order; returns the
         byte count."""

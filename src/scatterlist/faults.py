@@ -34,15 +34,17 @@ def exhaust_iova(iommu: Iommu, limit: Optional[int] = None) -> Iterator[int]:
     size = 1 << max(limit_pfn.bit_length() - 1, 0)
     try:
         # Largest aligned blocks first, halving on failure: a few blocks per free gap.
-        while size >= 1:
-            try:
-                taken.append((engine.iommu_iova_alloc(handle, size, limit_pfn), size))
-            except OutOfMemory:
-                size //= 2
+        with iommu._lock:
+            while size >= 1:
+                try:
+                    taken.append((engine.iommu_iova_alloc(handle, size, limit_pfn), size))
+                except OutOfMemory:
+                    size //= 2
         yield sum(granules for _, granules in taken)
     finally:
-        for pfn, granules in reversed(taken):
-            engine.iommu_iova_free(handle, pfn, granules)
+        with iommu._lock:
+            for pfn, granules in reversed(taken):
+                engine.iommu_iova_free(handle, pfn, granules)
 
 
 def drop_mapping(iommu: Iommu, iova: int, size_bytes: int) -> int:

@@ -3,10 +3,11 @@
 
 from __future__ import annotations
 
+import threading
 import weakref
 from typing import TYPE_CHECKING, Any, List, NamedTuple, Optional, Tuple
 
-from ._util import require_range
+from ._util import locked, require_range
 from .errors import ACCESS_NAMES, BusyError, ClosedError, InvalidArgument, Reason
 from .memory import PhysicalMemory
 
@@ -66,6 +67,7 @@ class Iommu:
                                   f"{memory.page_size}")
         aperture_bits = require_range("aperture_bits", aperture_bits, 0, 64,
                                       Reason.APERTURE_BITS)
+        self._lock = threading.RLock()
         self._engine = memory._engine
         self._memory = memory
         self._handle: Any = self._engine.iommu_create(granule, aperture_bits)
@@ -102,16 +104,19 @@ class Iommu:
         return self._aperture_bits
 
     @property
+    @locked
     def mapped_pages(self) -> int:
         """Granule-sized pages mapped in the page table."""
         return int(self._engine.iommu_info(self._require_open())[0])
 
     @property
+    @locked
     def fault_total(self) -> int:
         """Faults ever logged (the log itself keeps the last 256)."""
         return int(self._engine.iommu_info(self._require_open())[1])
 
     # -- page table ---------------------------------------------------------------------
+    @locked
     def map(self, iova: int, phys: int, size_bytes: int,
             prot: int = IOMMU_READ | IOMMU_WRITE) -> None:
         """Map ``size_bytes`` at ``iova`` to ``phys`` (all granule-aligned), all or nothing."""
@@ -121,6 +126,7 @@ class Iommu:
                                require_range("size_bytes", size_bytes, 0, _U64_MAX),
                                require_range("prot", prot, 0, 63, Reason.IOMMU_PROT))
 
+    @locked
     def unmap(self, iova: int, size_bytes: int) -> int:
         """Unmap from ``iova`` on, stopping at the first unmapped page; returns bytes unmapped.
         Unmapping a live DMA mapping's pages makes the device fault there (fault injection)."""
@@ -129,18 +135,21 @@ class Iommu:
                                         require_range("size_bytes", size_bytes, 0,
                                                       (1 << 63) - 1))
 
+    @locked
     def translate(self, iova: int, access: str = "read") -> int:
         """Physical address of a one-byte device access, or ``IommuFault`` (logged)."""
         handle = self._require_open()
         return self._engine.iommu_translate(handle, require_range("iova", iova, 0, _U64_MAX),
                                             access_code(access))
 
+    @locked
     def lookup(self, iova: int) -> Optional[Tuple[int, int]]:
         """``(phys, prot)`` of the page mapped at ``iova``, or None; never a fault."""
         handle = self._require_open()
         return self._engine.iommu_lookup(handle, require_range("iova", iova, 0, _U64_MAX))
 
     # -- fault log ----------------------------------------------------------------------
+    @locked
     def faults(self) -> List[FaultRecord]:
         """The logged faults, oldest first."""
         return [FaultRecord(seq, iova, ACCESS_NAMES.get(access, str(access)),
@@ -148,10 +157,12 @@ class Iommu:
                 for seq, iova, access, reason, prot in
                 self._engine.iommu_faults(self._require_open())]
 
+    @locked
     def clear_faults(self) -> None:
         self._engine.iommu_clear_faults(self._require_open())
 
     # -- IOVA space ---------------------------------------------------------------------
+    @locked
     def iova_ranges(self, *, live: bool = True, cached: bool = False,
                     reserved: bool = False) -> List[IovaRange]:
         """Allocated IOVA ranges, ascending: live ones (mapped blocks), and on request the
@@ -161,6 +172,7 @@ class Iommu:
                           _STATE_NAMES.get(state, str(state)))
                 for lo, hi, state in self._engine.iommu_iova_ranges(self._require_open(), mask)]
 
+    @locked
     def reserve_iova(self, start: int, size_bytes: int) -> None:
         """Keep ``[start, start + size_bytes)`` out of DMA mappings (a PCI window, say)."""
         handle = self._require_open()
@@ -173,6 +185,7 @@ class Iommu:
                                    (start + size_bytes) // self._granule - 1)
 
     # -- lifetime -----------------------------------------------------------------------
+    @locked
     def close(self) -> None:
         """Release the IOMMU.  Idempotent; ``BusyError`` while devices using it are open."""
         if self._closed:

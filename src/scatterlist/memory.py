@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import threading
 import weakref
 from array import array
 from typing import Any, Iterator, Optional
 
 from ._engine import LAYOUTS, Engine, get_engine
-from ._util import require_range
+from ._util import locked, require_range
 from .errors import BusyError, ClosedError, InvalidArgument, Reason
 
 PAGE_SIZE = 4096
@@ -24,6 +25,7 @@ class PhysicalMemory:
 
     def __init__(self, size: int, page_size: int = PAGE_SIZE, *,
                  engine: Optional[str] = None) -> None:
+        self._lock = threading.RLock()
         self._engine: Engine = get_engine(engine)
         size_bytes = require_range("size", size, 0, (1 << 64) - 1, Reason.MEMORY_SIZE)
         page_size = require_range("page_size", page_size, 0, (1 << 32) - 1, Reason.PAGE_SIZE)
@@ -64,16 +66,19 @@ class PhysicalMemory:
         return self._size_bytes // self._page_size
 
     @property
+    @locked
     def free_pages(self) -> int:
         """Pages the allocator can still hand out."""
         return int(self._engine.memory_info(self._require_open())[1])
 
     @property
+    @locked
     def resident_pages(self) -> int:
         """Pages that hold written bytes (and so cost host memory)."""
         return int(self._engine.memory_info(self._require_open())[2])
 
     # -- pages --------------------------------------------------------------------------
+    @locked
     def alloc_pages(self, n: int, layout: str = "scattered", *, seed: int = 0) -> "Pages":
         """Allocate ``n`` pages; all of them or none (``OutOfMemory``).
 
@@ -98,6 +103,7 @@ class PhysicalMemory:
         return pages
 
     # -- bytes --------------------------------------------------------------------------
+    @locked
     def read(self, phys: int, n: int) -> bytes:
         """``n`` bytes at physical address ``phys``; unwritten bytes read as zero."""
         handle = self._require_open()
@@ -105,6 +111,7 @@ class PhysicalMemory:
         n_bytes = require_range("n", n, 0, (1 << 63) - 1)
         return self._engine.memory_read(handle, phys, n_bytes)
 
+    @locked
     def write(self, phys: int, data: Any) -> None:
         """Write the bytes-like ``data`` at physical address ``phys``."""
         handle = self._require_open()
@@ -113,6 +120,7 @@ class PhysicalMemory:
         self._engine.memory_write(handle, phys, view)
 
     # -- lifetime -----------------------------------------------------------------------
+    @locked
     def close(self) -> None:
         """Release the memory.  Idempotent; ``BusyError`` while pages are still open."""
         if self._closed:
@@ -202,8 +210,9 @@ class Pages:
             return
         if self._owner is not None:
             raise BusyError("Pages.close: an SGTable owns these pages; close the SGTable")
-        self._closed = True
-        self._finalizer()
+        with self._memory._lock:  # the memory cannot close under the free
+            self._closed = True
+            self._finalizer()
 
     def __enter__(self) -> "Pages":
         return self

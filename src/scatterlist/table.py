@@ -15,7 +15,7 @@ from enum import IntEnum
 from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional
 
 from ._engine import Engine, get_engine
-from ._util import PfnsLike, as_pfn_view, require_range
+from ._util import PfnsLike, as_pfn_view, locked, require_range
 from .errors import BusyError, ClosedError, InvalidArgument, Reason
 from .memory import PAGE_SIZE, PhysicalMemory
 
@@ -219,21 +219,25 @@ class RawTable:
         return self._page_size
 
     @property
+    @locked
     def nents(self) -> int:
         """DMA entries once mapped; equal to ``orig_nents`` before."""
         return int(self._engine.table_counts(self._require_open())[0])
 
     @property
+    @locked
     def orig_nents(self) -> int:
         """CPU entries holding pages (chain links not counted)."""
         return int(self._engine.table_counts(self._require_open())[1])
 
     @property
+    @locked
     def total_nents(self) -> int:
         """Usable entry slots allocated, including slots reserved for pages still to come."""
         return int(self._engine.table_counts(self._require_open())[2])
 
     @property
+    @locked
     def final(self) -> bool:
         """True once a call with ``left_pages=0`` closed the table to appends."""
         return bool(self._engine.table_counts(self._require_open())[3])
@@ -242,6 +246,7 @@ class RawTable:
         return self.orig_nents
 
     # -- building -----------------------------------------------------------------------
+    @locked
     def append_pages(self, pfns: PfnsLike, size: Optional[int] = None,
                      left_pages: int = 0) -> None:
         """``sg_alloc_append_table_from_pages``: add pages, merging into the last entry where
@@ -256,6 +261,7 @@ class RawTable:
 
     # -- DMA mapping (device.dma_map_sgtable and friends) -----------------------------
     @property
+    @locked
     def mapped(self) -> bool:
         """True while the table is DMA-mapped."""
         self._require_open()
@@ -263,6 +269,7 @@ class RawTable:
         return mapping is not None and mapping.live
 
     @property
+    @locked
     def direction(self) -> Optional[DataDirection]:
         """The direction of the live mapping, or None."""
         info = self._engine.table_mapping(self._require_open())
@@ -297,11 +304,13 @@ class RawTable:
             self._changed()
 
     # -- reading ------------------------------------------------------------------------
+    @locked
     def export_cpu(self) -> "array[int]":
         """All CPU entries in one call: ``array('Q')`` of (pfn, offset, length) rows."""
         handle = self._require_open()
         return self._engine.table_export_cpu(handle, self._engine.table_counts(handle)[1])
 
+    @locked
     def export_dma(self, n_entries: Optional[int] = None) -> "array[int]":
         """(dma_address, dma_len) rows of the first ``n_entries`` entries (default
         ``nents``)."""
@@ -311,6 +320,7 @@ class RawTable:
                                                               orig_nents)
         return self._engine.table_export_dma(handle, count)
 
+    @locked
     def _entries(self, count: int) -> List[SGEntry]:
         handle = self._require_open()
         cpu = self._engine.table_export_cpu(handle, count)
@@ -334,22 +344,26 @@ class RawTable:
             self._check_epoch(epoch, "RawTable iterator")
             yield entry
 
+    @locked
     def chunk_slots(self) -> List[int]:
         """Slots in each entry chunk in chain order; a full chunk has ``page_size // 32``
         slots and gives its last one to the chain link."""
         return self._engine.table_chunk_slots(self._require_open())
 
+    @locked
     def sg_nents(self) -> int:
         """``sg_nents``: entries reachable with ``sg_next`` (an open append table also counts
         the unused slots up to its current chunk's end)."""
         return self._engine.table_sg_nents(self._require_open())
 
+    @locked
     def nents_for_len(self, length: int) -> int:
         """``sg_nents_for_len``: how many entries cover ``length`` bytes (CPU lengths)."""
         handle = self._require_open()
         len_bytes = require_range("length", length, 0, _U64_MAX)
         return self._engine.table_nents_for_len(handle, len_bytes)
 
+    @locked
     def pages(self, start: int = 0) -> "array[int]":
         """The pfns ``for_each_sgtable_page`` visits, beginning ``start`` pages in."""
         handle = self._require_open()
@@ -365,6 +379,7 @@ class RawTable:
                                   f"the {self._engine.name} engine")
         return memory._require_open()
 
+    @locked
     def copy_to_buffer(self, memory: PhysicalMemory, n_bytes: Optional[int] = None,
                        skip: int = 0) -> bytes:
         """``sg_pcopy_to_buffer``: up to ``n_bytes`` (default: all) of the table's data,
@@ -378,6 +393,7 @@ class RawTable:
         copied = self._engine.table_copy(handle, mem, memoryview(buf), skip, True)
         return bytes(buf[:copied])
 
+    @locked
     def copy_from_buffer(self, memory: PhysicalMemory, data: Any, skip: int = 0) -> int:
         """``sg_pcopy_from_buffer``: write ``data`` into the table's pages in ``memory``,
         starting ``skip`` bytes in.  Returns the bytes written."""
