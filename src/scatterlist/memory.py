@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import threading
 import weakref
 from array import array
@@ -9,7 +10,7 @@ from typing import Any, Iterator, Optional
 
 from ._engine import LAYOUTS, Engine, get_engine
 from ._util import locked, require_range
-from .errors import BusyError, ClosedError, InvalidArgument, Reason
+from .errors import BusyError, ClosedError, InvalidArgument, OutOfMemory, Reason, error_for
 
 PAGE_SIZE = 4096
 
@@ -90,7 +91,15 @@ class PhysicalMemory:
         if layout not in LAYOUTS:
             raise InvalidArgument(f"layout={layout!r} is not one of {sorted(LAYOUTS)}")
         seed = require_range("seed", seed, 0, (1 << 64) - 1)
-        pfns = self._engine.memory_alloc_pages(handle, n_pages, LAYOUTS[layout], seed)
+        try:
+            # The list of pfns alone must fit in host memory: find out before the engine
+            # starts choosing pages.
+            bytearray(8 * n_pages)
+            pfns = self._engine.memory_alloc_pages(handle, n_pages, LAYOUTS[layout], seed)
+        except MemoryError as exc:
+            if isinstance(exc, OutOfMemory):
+                raise
+            raise error_for(errno.ENOMEM, Reason.NO_MEMORY) from None
         return Pages(self, pfns, n_pages * self._page_size)
 
     def vmalloc(self, size_bytes: int) -> "Pages":
