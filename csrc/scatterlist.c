@@ -340,6 +340,8 @@ int sg_alloc_append_table_from_pages(struct sl_table *table, const uint64_t *pfn
         return sl_fail(EINVAL, SL_REASON_OFFSET, 0, offset);
     if (n_pages > (UINT64_MAX >> table->page_shift))
         return sl_fail(EINVAL, SL_REASON_SIZE, 0, size_bytes);
+    if (left_pages > UINT32_MAX) /* the kernel's unsigned int; also keeps the planner exact */
+        return sl_fail(EINVAL, SL_REASON_TOO_MANY_ENTRIES, 0, left_pages);
     const uint64_t pages_bytes = n_pages << table->page_shift;
     /* size must end inside the last page: the kernel's wrap-around for other sizes is nonsense. */
     if (size_bytes > pages_bytes - offset || size_bytes + offset <= pages_bytes - page_size)

@@ -22,7 +22,8 @@ def require_int(name: str, value: object) -> int:
         if index is None or isinstance(value, bool):
             raise TypeError(f"{name} must be an int, not {type(value).__name__}")
         value = index()
-    assert isinstance(value, int)
+        if not isinstance(value, int):
+            raise TypeError(f"{name}: __index__ returned {type(value).__name__}, not int")
     return value
 
 
@@ -61,6 +62,10 @@ def as_pfn_view(pfns: PfnsLike, name: str = "pfns") -> memoryview:
             raise TypeError(f"{name}: unsupported buffer format {view.format!r}") from exc
     else:
         items = pfns
+    if not isinstance(items, range):
+        items = list(items)
+        if any(isinstance(item, bool) for item in items):
+            raise TypeError(f"{name} must hold integers, not bools")
     try:
         converted = array("Q", items)
     except OverflowError:

@@ -142,7 +142,14 @@ def report(device: "Device", rule: str, message: str, entry: Optional[DebugEntry
         warnings.warn(DmaApiWarning(text), stacklevel=4)
 
 
+def _require_device(device: object) -> None:
+    from .device import Device
+    if not isinstance(device, Device):
+        raise TypeError(f"device must be a Device, not {type(device).__name__}")
+
+
 def device_error_count(device: "Device") -> int:
+    _require_device(device)
     with _lock:
         records = _records.get(device)
         return 0 if records is None else records.error_count
@@ -331,6 +338,8 @@ def check_unbind(device: "Device") -> None:
 
 def dump(device: Optional["Device"] = None) -> List[DebugEntry]:
     """The live recorded mappings (of one device, or of all)."""
+    if device is not None:
+        _require_device(device)
     with _lock:
         if device is not None:
             records = _records.get(device)

@@ -14,6 +14,7 @@ import weakref
 from typing import Any, Callable, List, Optional, Union
 
 from . import debug
+from . import debug as debug_module
 from ._util import locked, require_range
 from .errors import BusyError, ClosedError, DmaApiError, InvalidArgument, Reason, error_for
 from .iommu import Iommu
@@ -97,24 +98,34 @@ class Device:
             iommu_handle = iommu._require_open()
             if iommu.memory is not memory:
                 raise error_for(errno.EINVAL, Reason.FOREIGN)
+        # Every argument is checked before anything is created or registered.
+        limits = {
+            "dma_mask": _low_bits_mask("dma_mask", dma_mask, memory.page_size - 1),
+            "max_segment_size": require_range("max_segment_size", max_segment_size, 1,
+                                              0xFFFFFFFF),
+            "seg_boundary_mask": _low_bits_mask("seg_boundary_mask", seg_boundary_mask,
+                                                memory.page_size - 1),
+            "max_mapping_size": require_range("max_mapping_size", max_mapping_size, 0,
+                                              _U64_MAX),
+        }
+        debug_mode = None if debug is None else debug_module.check_mode(debug)
+        if not isinstance(name, str):
+            raise TypeError(f"name must be a str, not {type(name).__name__}")
         self._engine = memory._engine
         self._memory = memory
         self._iommu = iommu
-        self._name = str(name)
+        self._name = name
         self._handle: Any = self._engine.device_create(mem_handle, iommu_handle)
         self._closed = False
-        self._debug_mode: Optional[str] = None
-        self.debug = debug
+        self._debug_mode: Optional[str] = debug_mode
         self._lock = threading.RLock()
         self._devres: List[_Devres] = []
         self._mappings: "weakref.WeakSet[_Mapping]" = weakref.WeakSet()
+        for field, value in limits.items():
+            self._engine.device_set(self._handle, field, value)
         memory._dependents.add(self)
         if iommu is not None:
             iommu._devices.add(self)
-        self.dma_mask = dma_mask
-        self.max_segment_size = max_segment_size
-        self.seg_boundary_mask = seg_boundary_mask
-        self.max_mapping_size = max_mapping_size
 
     # -- state --------------------------------------------------------------------------
     def _require_open(self) -> Any:
@@ -206,7 +217,8 @@ class Device:
 
     @debug.setter
     def debug(self, mode: Optional[str]) -> None:
-        self._debug_mode = None if mode is None else debug.check_mode(mode)
+        self._require_open()
+        self._debug_mode = None if mode is None else debug_module.check_mode(mode)
 
     @property
     def debug_error_count(self) -> int:
@@ -222,6 +234,11 @@ class Device:
         page-table entries exist, so the rollback that leaves nothing behind is exercised.
         ``errno_value``: ENOMEM, EINVAL or EIO.  ``fail_maps()`` with neither turns it off."""
         handle = self._require_open()
+        if isinstance(errno_value, bool) or not isinstance(errno_value, int):
+            raise TypeError(f"errno_value must be an int, not {type(errno_value).__name__}")
+        if probability is not None and (isinstance(probability, bool) or
+                                        not isinstance(probability, (int, float))):
+            raise TypeError(f"probability must be a number, not {type(probability).__name__}")
         if errno_value not in (errno.ENOMEM, errno.EINVAL, errno.EIO):
             raise InvalidArgument(f"errno_value={errno_value} is not ENOMEM, EINVAL or EIO")
         if nth is not None and probability is not None:
@@ -230,11 +247,12 @@ class Device:
         if probability is not None and not 0.0 <= probability <= 1.0:
             raise InvalidArgument(f"probability={probability} is not between 0 and 1")
         ppm = 0 if probability is None else round(probability * 1_000_000)
+        seed = require_range("seed", seed, 0, _U64_MAX)
+        # Everything is checked: now arm it.
         self._engine.device_set(handle, "inject_countdown", countdown)
         self._engine.device_set(handle, "inject_ppm", ppm)
         self._engine.device_set(handle, "inject_errno", errno_value)
-        self._engine.device_set(handle, "inject_rng_state",
-                                require_range("seed", seed, 0, _U64_MAX))
+        self._engine.device_set(handle, "inject_rng_state", seed)
 
     @property
     def injected_failures(self) -> int:
@@ -286,7 +304,7 @@ class Device:
         straight from memory without one.  ``IommuFault`` (nothing read) on a bad access."""
         handle = self._require_open()
         return self._engine.dma_read(handle, require_range("dma_addr", dma_addr, 0, _U64_MAX),
-                                     require_range("n", n, 0, (1 << 40)))
+                                     require_range("n", n, 0, self._memory.size))
 
     @locked
     def dma_write(self, dma_addr: int, data: Any) -> None:
@@ -302,19 +320,19 @@ class Device:
         """The device reads the table's ``nents`` DMA segments in order into one buffer (the
         first ``n_bytes``, default all)."""
         handle = self._require_open()
-        raw = _raw_of(table)
+        raw = _raw_of(table, self)
         table_handle = raw._require_open()
         if n_bytes is None:
             n_bytes = sum(raw.export_dma()[1::2])
         return self._engine.dma_read_sg(handle, table_handle,
-                                        require_range("n_bytes", n_bytes, 0, 1 << 40))
+                                        require_range("n_bytes", n_bytes, 0, self._memory.size))
 
     @locked
     def dma_write_table(self, table: Union[RawTable, "Any"], data: Any) -> int:
         """The device writes ``data`` across the table's DMA segments in order; returns the
         byte count."""
         handle = self._require_open()
-        raw = _raw_of(table)
+        raw = _raw_of(table, self)
         view = memoryview(data).cast("B")
         self._engine.dma_write_sg(handle, raw._require_open(), view)
         return len(view)
@@ -326,13 +344,17 @@ class Device:
         if self._closed:
             return
         with self._lock:
+            # Refuse before unbinding: a refused close changes nothing.
+            owned = {id(devres._anchor()) for devres in self._devres
+                     if devres._anchor is not None and not devres.revoked}
+            by_hand = [m for m in list(self._mappings) if m.live and id(m) not in owned]
+            if by_hand:
+                raise BusyError(f"Device.close: {len(by_hand)} table(s) are still mapped for "
+                                f"{self._name!r}; dma_unmap_sgtable them first")
             try:
                 self.unbind()
             except DmaApiError:
-                pass  # reported; close goes on to refuse below
-            if self._engine.device_get(self._handle, "live_mappings"):
-                raise BusyError(f"Device.close: {self.live_mappings} table(s) are still mapped "
-                                f"for {self._name!r}; dma_unmap_sgtable them first")
+                pass  # reported in the device's debug mode; closing goes on
             self._closed = True
         self._memory._dependents.discard(self)
         self._engine.device_destroy(self._handle)
@@ -351,18 +373,21 @@ class Device:
                 f"{self.live_mappings} live mappings, engine={self.engine}>")
 
 
-def _raw_of(table: Any) -> RawTable:
-    if isinstance(table, RawTable):
-        return table
-    raw = getattr(table, "_raw_table", None)
-    if callable(raw):
-        result = raw()
-        if isinstance(result, RawTable):
-            return result
-    raise TypeError(f"table must be a RawTable or SGTable, not {type(table).__name__}")
+def _raw_of(table: Any, device: "Device") -> RawTable:
+    from .sgtable import SGTable
+    if isinstance(table, SGTable):
+        table = table._raw_table()
+    if not isinstance(table, RawTable):
+        raise TypeError(f"table must be a RawTable or SGTable, not {type(table).__name__}")
+    if table.engine != device.engine:
+        raise InvalidArgument(f"the table belongs to the {table.engine} engine, the device to "
+                              f"the {device.engine} engine")
+    return table
 
 
 def _direction(direction: Any) -> int:
+    if isinstance(direction, bool) or not isinstance(direction, int):
+        raise TypeError(f"direction must be a DataDirection, not {type(direction).__name__}")
     try:
         value = DataDirection(direction)
     except ValueError:
@@ -473,23 +498,23 @@ def dma_map_sg(dev: Device, table: RawTable, nents: int, direction: DataDirectio
     """``dma_map_sg``: map the first ``nents`` entries and return the DMA segment count.
     Unlike ``dma_map_sgtable`` it does not store the count in the table; pass the same
     ``nents`` (not the returned count) to :func:`dma_unmap_sg` and the syncs."""
-    return _map(dev, table, direction, nents)
+    return _map(dev, table, direction, require_range("nents", nents, 0, 0xFFFFFFFF))
 
 
 def dma_unmap_sg(dev: Device, table: RawTable, nents: int, direction: DataDirection) -> None:
     """``dma_unmap_sg``: ``nents`` must be the count passed to ``dma_map_sg``; dma-debug
     reports the classic bug of passing the mapped count instead."""
-    _unmap(dev, table, direction, nents)
+    _unmap(dev, table, direction, require_range("nents", nents, 0, 0xFFFFFFFF))
 
 
 def dma_sync_sg_for_cpu(dev: Device, table: RawTable, nents: int,
                         direction: DataDirection) -> None:
-    _sync(dev, table, direction, True, nents)
+    _sync(dev, table, direction, True, require_range("nents", nents, 0, 0xFFFFFFFF))
 
 
 def dma_sync_sg_for_device(dev: Device, table: RawTable, nents: int,
                            direction: DataDirection) -> None:
-    _sync(dev, table, direction, False, nents)
+    _sync(dev, table, direction, False, require_range("nents", nents, 0, 0xFFFFFFFF))
 
 
 def dma_sync_single_for_cpu(dev: Device, dma_addr: int, size: int,

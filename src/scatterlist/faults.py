@@ -19,11 +19,21 @@ from .errors import InvalidArgument, OutOfMemory
 from .iommu import Iommu
 
 
+#: drop_mapping and restrict_permissions look at every granule of their range: at most 1 GiB.
+MAX_WALK_BYTES = 1 << 30
+
+
+def _require_iommu(iommu: object) -> None:
+    if not isinstance(iommu, Iommu):
+        raise TypeError(f"iommu must be an Iommu, not {type(iommu).__name__}")
+
+
 @contextmanager
 def exhaust_iova(iommu: Iommu, limit: Optional[int] = None) -> Iterator[int]:
     """Occupy every free IOVA range below ``limit`` (default: the whole aperture) while the
     block runs; yields the number of granules taken.  Mappings made inside fail with
     ``OutOfMemory`` (the kernel's -ENOMEM).  Everything is given back on exit."""
+    _require_iommu(iommu)
     handle = iommu._require_open()
     engine = iommu._engine
     shift = iommu.granule.bit_length() - 1
@@ -50,10 +60,11 @@ def exhaust_iova(iommu: Iommu, limit: Optional[int] = None) -> Iterator[int]:
 def drop_mapping(iommu: Iommu, iova: int, size_bytes: int) -> int:
     """Unmap pages of a live mapping behind the driver's back; returns the bytes dropped.
     Unmapping the table later still succeeds and releases the rest."""
+    _require_iommu(iommu)
     dropped = 0
     granule = iommu.granule
     start = require_range("iova", iova, 0, (1 << 64) - 1) // granule * granule
-    end = start + -(-require_range("size_bytes", size_bytes, 1, 1 << 62) // granule) * granule
+    end = start + -(-require_range("size_bytes", size_bytes, 1, MAX_WALK_BYTES) // granule) * granule
     for page in range(start, end, granule):
         if iommu.lookup(page) is not None:
             dropped += iommu.unmap(page, granule)
@@ -63,10 +74,11 @@ def drop_mapping(iommu: Iommu, iova: int, size_bytes: int) -> int:
 def restrict_permissions(iommu: Iommu, iova: int, size_bytes: int, prot: int) -> int:
     """Give the mapped pages in ``[iova, iova + size_bytes)`` the permission bits ``prot``
     (``IOMMU_READ``, ``IOMMU_WRITE``, both or 0); returns the pages changed."""
+    _require_iommu(iommu)
     prot = require_range("prot", prot, 0, 3)
     granule = iommu.granule
     start = require_range("iova", iova, 0, (1 << 64) - 1) // granule * granule
-    end = start + -(-require_range("size_bytes", size_bytes, 1, 1 << 62) // granule) * granule
+    end = start + -(-require_range("size_bytes", size_bytes, 1, MAX_WALK_BYTES) // granule) * granule
     changed = 0
     for page in range(start, end, granule):
         found = iommu.lookup(page)

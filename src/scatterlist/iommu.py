@@ -178,6 +178,9 @@ class Iommu:
         handle = self._require_open()
         start = require_range("start", start, 0, _U64_MAX)
         size_bytes = require_range("size_bytes", size_bytes, 1, _U64_MAX)
+        if start + size_bytes > 1 << 64:
+            raise InvalidArgument(f"start={start:#x} + size_bytes={size_bytes:#x} runs past "
+                                  f"2**64")
         if start % self._granule or size_bytes % self._granule:
             raise InvalidArgument(f"start={start:#x} and size_bytes={size_bytes:#x} must be "
                                   f"multiples of the granule {self._granule}")

@@ -164,6 +164,8 @@ class Pages:
     contents are dropped); it is idempotent and also runs when the object is collected."""
 
     def __init__(self, memory: PhysicalMemory, pfns: "array[int]", size_bytes: int) -> None:
+        if not isinstance(memory, PhysicalMemory) or not isinstance(pfns, array):
+            raise TypeError("Pages objects come from PhysicalMemory.alloc_pages or vmalloc")
         self._memory = memory
         self._pfns = pfns
         self._size_bytes = size_bytes

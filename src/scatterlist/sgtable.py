@@ -58,6 +58,8 @@ class SGTable(Generic[S]):
                  pages: Optional[Pages] = None, device: Optional[Device] = None,
                  direction: Optional[DataDirection] = None,
                  devres: Optional[_Devres] = None) -> None:
+        if not isinstance(raw, RawTable):
+            raise TypeError("SGTable objects come from SGTable.new, borrow() or from_raw()")
         self._raw = raw
         self._owner = owner  # None for an owner itself
         self._pages = pages
@@ -181,13 +183,20 @@ class SGTable(Generic[S]):
         return root._closed
 
     # -- the owned interface ------------------------------------------------------------
+    def _owner_only(self) -> None:
+        """Owned-only members on a borrowed view: a clear error, not an assertion."""
+        if self._owner is not None or self._device is None:
+            raise InvalidArgument("this is for the owning SGTable; a borrowed view only "
+                                  "iterates the DMA segments")
     @property
     def device(self: "SGTable[Owned[Any]]") -> Device:
+        self._owner_only()
         assert self._device is not None
         return self._device
 
     @property
     def direction(self: "SGTable[Owned[Any]]") -> DataDirection:
+        self._owner_only()
         assert self._direction is not None
         return self._direction
 
@@ -196,6 +205,7 @@ class SGTable(Generic[S]):
         """The owned pages (use them; closing them is the table's job)."""
         if self._closed:
             raise ClosedError("SGTable is closed")
+        self._owner_only()
         assert self._pages is not None
         return self._pages  # type: ignore[return-value]
 
@@ -209,24 +219,28 @@ class SGTable(Generic[S]):
     def copy_from_buffer(self: "SGTable[Owned[Any]]", data: Any, skip: int = 0) -> int:
         """The CPU writes ``data`` into the table's pages (``sg_pcopy_from_buffer``), starting
         ``skip`` bytes in; returns the bytes written."""
+        self._owner_only()
         assert self._device is not None
         return self._raw_table().copy_from_buffer(self._device.memory, data, skip)
 
     def copy_to_buffer(self: "SGTable[Owned[Any]]", n_bytes: Optional[int] = None,
                        skip: int = 0) -> bytes:
         """The CPU reads the table's data (``sg_pcopy_to_buffer``)."""
+        self._owner_only()
         assert self._device is not None
         return self._raw_table().copy_to_buffer(self._device.memory, n_bytes, skip)
 
     def sync_for_cpu(self: "SGTable[Owned[Any]]") -> None:
         """``dma_sync_sgtable_for_cpu`` with the table's device and direction."""
         from .device import dma_sync_sgtable_for_cpu
+        self._owner_only()
         assert self._device is not None and self._direction is not None
         dma_sync_sgtable_for_cpu(self._device, self._raw_table(), self._direction)
 
     def sync_for_device(self: "SGTable[Owned[Any]]") -> None:
         """``dma_sync_sgtable_for_device`` with the table's device and direction."""
         from .device import dma_sync_sgtable_for_device
+        self._owner_only()
         assert self._device is not None and self._direction is not None
         dma_sync_sgtable_for_device(self._device, self._raw_table(), self._direction)
 

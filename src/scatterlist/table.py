@@ -114,6 +114,8 @@ class SGEntry:
 
     def __init__(self, owner: "RawTable", epoch: int, index: int, pfn: int, offset: int,
                  length: int, dma_address: int, dma_len: int) -> None:
+        if not isinstance(owner, RawTable):
+            raise TypeError("SGEntry objects come from a table")
         self._owner = owner
         self._epoch = epoch
         self._index = index
@@ -179,6 +181,10 @@ class RawTable:
     """
 
     def __init__(self, engine: Engine, handle: Any, page_size: int) -> None:
+        from ._engine import _cache
+        if not any(engine is known for known in _cache.values()):
+            raise TypeError("RawTable objects come from alloc_table_from_pages or "
+                            "alloc_table_from_entries")
         self._engine = engine
         self._handle = handle
         self._page_size = page_size
@@ -387,9 +393,11 @@ class RawTable:
         handle = self._require_open()
         mem = self._memory_handle(memory)
         skip = require_range("skip", skip, 0, _U64_MAX)
-        if n_bytes is None:
-            n_bytes = sum(e.length for e in self._entries(self.orig_nents))
-        buf = bytearray(require_range("n_bytes", n_bytes, 0, (1 << 63) - 1))
+        wanted = None if n_bytes is None else require_range("n_bytes", n_bytes, 0, _U64_MAX)
+        # Never more than the table holds after skip: size the buffer for what can come.
+        rows = self._engine.table_export_cpu(handle, self._engine.table_counts(handle)[1])
+        available = max(sum(rows[2::3]) - skip, 0)
+        buf = bytearray(available if wanted is None else min(wanted, available))
         copied = self._engine.table_copy(handle, mem, memoryview(buf), skip, True)
         return bytes(buf[:copied])
 
@@ -437,7 +445,8 @@ def _size_and_left(view: memoryview, offset: int, size: Optional[int], left_page
         size_bytes = max(len(view) * page_size - offset, 0)
     else:
         size_bytes = require_range("size", size, 0, _U64_MAX, Reason.SIZE)
-    left = require_range("left_pages", left_pages, 0, _U64_MAX)
+    # The kernel's left_pages is an unsigned int.
+    left = require_range("left_pages", left_pages, 0, 0xFFFFFFFF)
     return size_bytes, left
 
 
@@ -483,6 +492,9 @@ def alloc_table_from_entries(entries: Any, page_size: int = PAGE_SIZE, *,
     triples.  Nothing is merged.  The table is final."""
     eng = get_engine(engine)
     page_size = require_range("page_size", page_size, 0, 0xFFFFFFFF, Reason.PAGE_SIZE)
+    if isinstance(entries, (str, bytes, bytearray)):
+        raise TypeError(f"entries must be (pfn, offset, length) triples, not "
+                        f"{type(entries).__name__}")
     try:
         rows = as_pfn_view(entries, "entries")
     except TypeError:

@@ -5,10 +5,11 @@ whatever its state (live, reserved, or cached: freed into the range cache but st
 is one entry of three parallel lists sorted by first pfn; ranges never overlap, so the lists of
 first and last pfns are both ascending and :mod:`bisect` finds a range in either.  Beside them
 the model keeps the complement, the free intervals (granules at or above ``start_pfn`` that no
-range holds), also sorted.  Where the C walks gaps down an AVL tree with per-subtree largest
-gaps, the model walks the free intervals downward from the limit: the answer, the highest
-size-aligned start that fits, is the same, and with ranges packed top-down (the usual case)
-there are only a handful of free intervals to look at.
+range holds) in a :class:`FreeSpace`, which files each interval under its length's power of two.
+Where the C walks gaps down an AVL tree, skipping subtrees whose largest gap is too small, the
+model walks, for each length class that can hold the request, that class's intervals downward
+from the limit, and keeps the highest fit: the same answer (the highest size-aligned start that
+fits), and too-small gaps are skipped as a whole class instead of one by one.
 
 The range cache is the C's exactly: per order 0..5 a ``loaded`` and a ``prev`` magazine of up
 to :data:`IOVA_MAG_SIZE` ranges and a depot (a stack) of full magazines, at most
@@ -20,8 +21,9 @@ takes depends on it.
 from __future__ import annotations
 
 import errno
-from bisect import bisect_left, bisect_right
-from typing import Collection, List, Optional, Tuple
+from bisect import bisect_left, bisect_right, insort
+from heapq import heapify, heappop, heapreplace
+from typing import Collection, Dict, List, Optional, Tuple
 
 from ..errors import Reason, error_for
 
@@ -65,23 +67,119 @@ def size_order(size: int) -> int:
     return size.bit_length() - 1
 
 
-def free_intervals(start_pfn: int, los: List[int],
-                   his: List[int]) -> Tuple[List[int], List[int]]:
-    """The free intervals (first and last pfn lists, ascending) between the ranges given by
-    the ascending lists ``los`` and ``his``, counting only granules at or above start_pfn."""
-    free_lo: List[int] = []
-    free_hi: List[int] = []
-    pos = start_pfn   # the lowest pfn not yet known to be taken or described
-    for lo, hi in zip(los, his):
-        if lo > pos:
-            free_lo.append(pos)
-            free_hi.append(lo - 1)
-        if hi >= pos:
-            pos = hi + 1
-    if pos <= _TOP_FREE_PFN:
-        free_lo.append(pos)
-        free_hi.append(_TOP_FREE_PFN)
-    return free_lo, free_hi
+_EXACT_CLASSES = 256   # free intervals shorter than this are filed by their exact size
+
+
+def size_class(size: int) -> int:
+    """The class a free interval of size granules is filed in: its size below
+    _EXACT_CLASSES, else one class per power of two."""
+    return size if size < _EXACT_CLASSES else _EXACT_CLASSES + size.bit_length()
+
+
+class FreeSpace:
+    """The free intervals: the granules at or above start_pfn that no range holds, as maximal
+    runs [first, last].  Each interval is filed in ``by_class[size_class(its size)]`` (a
+    sorted list of first pfns), and bit c of ``occupied`` says whether class c has any, so a
+    search for n granules looks only at classes whose intervals can be that long."""
+
+    __slots__ = ("end_of", "start_of", "by_class", "occupied")
+
+    def __init__(self, start_pfn: int, los: List[int], his: List[int]) -> None:
+        """The free space between the ranges given by the ascending lists los and his."""
+        self.end_of: Dict[int, int] = {}     # first pfn -> last pfn
+        self.start_of: Dict[int, int] = {}   # last pfn -> first pfn
+        self.by_class: List[List[int]] = [[] for _ in range(_EXACT_CLASSES + 65)]
+        self.occupied = 0
+        pos = start_pfn   # the lowest pfn not yet known to be taken or described
+        for lo, hi in zip(los, his):
+            if lo > pos:
+                self._append(pos, lo - 1)
+            if hi >= pos:
+                pos = hi + 1
+        if pos <= _TOP_FREE_PFN:
+            self._append(pos, _TOP_FREE_PFN)
+
+    def _append(self, first: int, last: int) -> None:
+        """Files an interval above every interval filed so far (building in order)."""
+        self.end_of[first] = last
+        self.start_of[last] = first
+        c = size_class(last - first + 1)
+        self.by_class[c].append(first)
+        self.occupied |= 1 << c
+
+    def _add(self, first: int, last: int) -> None:
+        self.end_of[first] = last
+        self.start_of[last] = first
+        c = size_class(last - first + 1)
+        insort(self.by_class[c], first)
+        self.occupied |= 1 << c
+
+    def _remove(self, first: int) -> int:
+        """Unfiles the interval starting at first; returns its last pfn."""
+        last = self.end_of.pop(first)
+        del self.start_of[last]
+        c = size_class(last - first + 1)
+        members = self.by_class[c]
+        del members[bisect_left(members, first)]
+        if not members:
+            self.occupied &= ~(1 << c)
+        return last
+
+    def take(self, interval_first: int, first: int, last: int) -> None:
+        """Removes [first, last] from the interval starting at interval_first, which holds
+        it."""
+        interval_last = self._remove(interval_first)
+        assert interval_first <= first and last <= interval_last
+        if interval_first < first:
+            self._add(interval_first, first - 1)
+        if last < interval_last:
+            self._add(last + 1, interval_last)
+
+    def give(self, first: int, last: int) -> None:
+        """Frees [first, last], merging it with the free intervals it touches."""
+        below = self.start_of.get(first - 1)
+        if below is not None:
+            self._remove(below)
+            first = below
+        above = self.end_of.get(last + 1)
+        if above is not None:
+            self._remove(last + 1)
+            last = above
+        self._add(first, last)
+
+    def highest_fit(self, size: int, limit_pfn: int) -> Optional[int]:
+        """The highest start, a multiple of roundup_pow2(size), of size free granules ending
+        at or below limit_pfn, or None.  The classes that can hold size granules are walked
+        together, interval by interval from the limit down (a heap picks the highest next
+        interval), so the first fit is the highest one, as in the C's top-down search."""
+        align_mask = ~(roundup_pow2(size) - 1)
+        end_of = self.end_of
+        # (-first pfn, class, index in the class) of each class's highest interval in reach.
+        heap: List[Tuple[int, int, int]] = []
+        first_class = size_class(size)
+        classes = self.occupied >> first_class
+        while classes:
+            low_bit = classes & -classes
+            c = first_class + low_bit.bit_length() - 1
+            classes ^= low_bit
+            members = self.by_class[c]
+            j = bisect_right(members, limit_pfn) - 1
+            if j >= 0:
+                heap.append((-members[j], c, j))
+        heapify(heap)
+        while heap:
+            neg_lo, c, j = heap[0]
+            lo = -neg_lo
+            hi = min(end_of[lo], limit_pfn)
+            if hi - lo + 1 >= size:
+                start = (hi + 1 - size) & align_mask
+                if start >= lo:
+                    return start
+            if j > 0:
+                heapreplace(heap, (-self.by_class[c][j - 1], c, j - 1))
+            else:
+                heappop(heap)
+        return None
 
 
 class RangeCache:
@@ -126,9 +224,7 @@ class IovaDomain:
         self._lo: List[int] = []
         self._hi: List[int] = []
         self._state: List[int] = []
-        # The free intervals, ascending (never touching: a range separates any two).
-        self._free_lo: List[int] = [start_pfn]
-        self._free_hi: List[int] = [_TOP_FREE_PFN]
+        self._free = FreeSpace(start_pfn, [], [])
         self._n_live = 0
         self._live_granules = 0
         self._n_cached = 0
@@ -180,43 +276,21 @@ class IovaDomain:
         self._state.insert(i, state)
         if hi < self.start_pfn:
             return   # granules below start_pfn are never free
-        first = max(lo, self.start_pfn)
-        # Nothing else lies between the range's neighbours: one free interval holds it all.
-        j = bisect_right(self._free_lo, first) - 1
-        free_lo, free_hi = self._free_lo[j], self._free_hi[j]
-        assert free_lo <= first and hi <= free_hi
-        pieces_lo: List[int] = []
-        pieces_hi: List[int] = []
-        if free_lo < first:
-            pieces_lo.append(free_lo)
-            pieces_hi.append(first - 1)
-        if hi < free_hi:
-            pieces_lo.append(hi + 1)
-            pieces_hi.append(free_hi)
-        self._free_lo[j:j + 1] = pieces_lo
-        self._free_hi[j:j + 1] = pieces_hi
+        # Everything between the range's neighbours was free: one interval, starting just
+        # above the predecessor, holds the range.
+        interval_first = self.start_pfn
+        if i > 0 and self._hi[i - 1] >= interval_first:
+            interval_first = self._hi[i - 1] + 1
+        self._free.take(interval_first, max(lo, self.start_pfn), hi)
 
     def _unlink(self, i: int) -> None:
-        """tree_remove of the range at index i: its granules become free, merging with the
-        free intervals around them."""
+        """tree_remove of the range at index i: its granules become free."""
         lo, hi = self._lo[i], self._hi[i]
         del self._lo[i]
         del self._hi[i]
         del self._state[i]
-        if hi < self.start_pfn:
-            return
-        first = max(lo, self.start_pfn)
-        last = hi
-        j = bisect_left(self._free_lo, first)
-        stop = j
-        if j > 0 and self._free_hi[j - 1] == first - 1:
-            j -= 1
-            first = self._free_lo[j]
-        if stop < len(self._free_lo) and self._free_lo[stop] == hi + 1:
-            last = self._free_hi[stop]
-            stop += 1
-        self._free_lo[j:stop] = [first]
-        self._free_hi[j:stop] = [last]
+        if hi >= self.start_pfn:
+            self._free.give(max(lo, self.start_pfn), hi)
 
     def _unlink_many(self, los: Collection[int]) -> None:
         """Removes the ranges starting at the given pfns: one by one when they are few, else
@@ -231,26 +305,15 @@ class IovaDomain:
         self._lo = [self._lo[i] for i in keep]
         self._hi = [self._hi[i] for i in keep]
         self._state = [self._state[i] for i in keep]
-        self._free_lo, self._free_hi = free_intervals(self.start_pfn, self._lo, self._hi)
+        self._free = FreeSpace(self.start_pfn, self._lo, self._hi)
 
     # -- placement ---------------------------------------------------------------------
-    def _search_highest(self, size: int, limit_pfn: int, free_lo: List[int],
-                        free_hi: List[int]) -> Optional[int]:
+    def _tree_alloc_pfn(self, size: int, limit_pfn: int, free: FreeSpace) -> Optional[int]:
         """tree_alloc's search: the highest start, a multiple of roundup_pow2(size), of a free
         run of size granules ending at or below limit_pfn, or None."""
         if limit_pfn < self.start_pfn or size > limit_pfn - self.start_pfn + 1:
             return None
-        align_mask = ~(roundup_pow2(size) - 1)
-        j = bisect_right(free_lo, limit_pfn) - 1   # the highest interval starting <= limit
-        while j >= 0:
-            lo = free_lo[j]
-            hi = min(free_hi[j], limit_pfn)
-            if hi - lo + 1 >= size:
-                start = (hi + 1 - size) & align_mask
-                if start >= lo:
-                    return start
-            j -= 1
-        return None
+        return free.highest_fit(size, limit_pfn)
 
     # -- the range cache ---------------------------------------------------------------
     def _rcache_get(self, order: int, limit_pfn: int) -> Optional[int]:
@@ -329,16 +392,16 @@ class IovaDomain:
                 self._n_live += 1
                 self._live_granules += size
                 return lo
-        pfn = self._search_highest(size, limit_pfn, self._free_lo, self._free_hi)
+        pfn = self._tree_alloc_pfn(size, limit_pfn, self._free)
         if pfn is None and flush_rcache and self._n_cached:
             # The kernel frees every cached range and retries.  Search the space as it would
             # be without them first, so that a retry that fails too leaves everything as it
             # was (the C unlinks them and links them back).
             members = set(self._cached_members())
             keep = [i for i, lo in enumerate(self._lo) if lo not in members]
-            free_lo, free_hi = free_intervals(self.start_pfn, [self._lo[i] for i in keep],
-                                              [self._hi[i] for i in keep])
-            pfn = self._search_highest(size, limit_pfn, free_lo, free_hi)
+            without_cached = FreeSpace(self.start_pfn, [self._lo[i] for i in keep],
+                                       [self._hi[i] for i in keep])
+            pfn = self._tree_alloc_pfn(size, limit_pfn, without_cached)
             if pfn is not None:
                 self._rcache_clear(unlink=True)
         if pfn is None:
