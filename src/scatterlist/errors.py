@@ -196,7 +196,7 @@ _MESSAGES = {
     Reason.IOVA_SIZE: "an IOVA range of zero granules",
     Reason.IOVA_EXHAUSTED: "no free IOVA range of {value} granules fits under the limit",
     Reason.IOVA_RANGE: "IOVA range ending at pfn {value:#x} is empty or reaches the top",
-    Reason.IOVA_BUSY: "IOVA pfn {value:#x} is in a live mapping",
+    Reason.IOVA_BUSY: "IOVA pfns {index:#x}..{value:#x} are a live mapping",
     Reason.IOVA_NOT_FOUND: "IOVA pfn {value:#x} is in no allocated range",
     Reason.IOVA_NOT_LIVE: "IOVA pfn {value:#x} is not a live range (reserved or already freed)",
     Reason.IOVA_NOT_START: "IOVA pfn {value:#x} is not the start of its range",
