@@ -171,3 +171,17 @@ def test_dropped_owner_is_released_by_gc(system):
     assert iommu.mapped_pages == 0
     assert dev.live_mappings == 0
     assert mem.free_pages == free_before
+
+
+def test_borrow_of_a_from_raw_view(system):
+    mem, _, dev = system
+    raw = sg.alloc_table_from_pages([2, 4], engine=mem.engine)
+    view = sg.SGTable.from_raw(raw).borrow()
+    assert view.nents == 2 and not view.closed  # unmapped: the CPU entries, nothing revoked
+    sg.dma_map_sgtable(dev, raw, Dir.TO_DEVICE)
+    assert view.nents == 1
+    sg.dma_unmap_sgtable(dev, raw, Dir.TO_DEVICE)
+    raw.close()
+    assert view.closed
+    with pytest.raises(sg.ClosedError):
+        list(view)

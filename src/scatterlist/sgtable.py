@@ -133,23 +133,20 @@ class SGTable(Generic[S]):
         return SGTable(found, owner=found)  # type: ignore[arg-type]
 
     # -- guards -------------------------------------------------------------------------
-    def _root(self) -> "SGTable[Any]":
-        owner = self._owner
-        return self if owner is None or isinstance(owner, RawTable) else owner._root()
-
     def _raw_table(self) -> RawTable:
         """The underlying RawTable, after checking the view is still usable."""
-        if isinstance(self._owner, RawTable):
-            self._owner._require_open()
+        owner = self._owner
+        if isinstance(owner, RawTable):  # a from_raw view: lives as long as the RawTable
+            owner._require_open()
             return self._raw
-        root = self._root()
-        if root._closed:
-            what = "SGTable" if root is self else "borrowed SGTable"
-            raise ClosedError(f"{what} used after its owner was closed")
-        mapping = root._raw._resources.mapping
+        if owner is not None:  # a borrowed view: usable while what it borrows from is
+            return owner._raw_table()
+        if self._closed:
+            raise ClosedError("SGTable used after its owner closed it")
+        mapping = self._raw._resources.mapping
         if mapping is None or not mapping.live:
             raise ClosedError("SGTable's DMA mapping was revoked by device unbind")
-        return root._raw
+        return self._raw
 
     # -- the borrowed interface (also available on owners) ---------------------------------
     def __iter__(self) -> Iterator[SGEntry]:
@@ -177,10 +174,11 @@ class SGTable(Generic[S]):
 
     @property
     def closed(self) -> bool:
-        root = self._root()
-        if isinstance(self._owner, RawTable):
-            return self._owner.closed
-        return root._closed
+        """True once this table (or, for a view, what it borrows from) was closed."""
+        owner = self._owner
+        if owner is None:
+            return self._closed
+        return owner.closed
 
     # -- the owned interface ------------------------------------------------------------
     def _owner_only(self) -> None:
