@@ -1,0 +1,352 @@
+"""Several threads on one memory, one IOMMU and shared devices.
+
+The C core releases the GIL in every call, so these tests really run the native engine's
+locking (the memory's lock, the IOMMU's lock, the atomic live-mapping counts) on two cores;
+the model engine runs the same scenario with fewer iterations.
+
+* ``test_threads_share_an_iommu``: eight workers allocate, build, map (by hand or as owned
+  SGTables), let a device write a pattern, read it back through the CPU and through
+  ``iommu.translate``, then unmap and free; a ninth thread probes addresses that can never be
+  mapped and watches the IOMMU's counters.  Each worker's data must round-trip exactly, every
+  translation must land in the worker's own pages, only the prober's accesses may fault, and
+  at the end every count is back where it started.
+* ``test_unbind_races_owned_tables``: threads unbind and rebind one device while others create,
+  use and close owned SGTables on it.  Every mapping must be unmapped exactly once (counted at
+  the engine), and only the documented exceptions may surface.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+import threading
+import time
+import traceback
+from typing import Any, Callable, Dict, List, Set, Tuple
+
+import pytest
+
+import scatterlist as sg
+from scatterlist import DataDirection as Dir
+from scatterlist._engine import get_engine
+
+PAGE = 4096
+N_WORKERS = 8
+WORKER_ITERATIONS = {"native": 400, "model": 300}
+UNBIND_ITERATIONS = {"native": 400, "model": 300}
+APERTURE_BITS = 48
+RESERVED = (0x4000_0000, 64 * PAGE)  # an IOVA window kept out of DMA mappings (1 GiB up)
+JOIN_TIMEOUT = 120.0
+
+
+@pytest.fixture(autouse=True)
+def fast_thread_switches():
+    """Switch threads often, so that Python-level races get a chance to show."""
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    yield
+    sys.setswitchinterval(old)
+
+
+class Failures:
+    """Exceptions from threads, with their tracebacks, for one assertion at the end."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.items: List[str] = []
+
+    def record(self, who: str) -> None:
+        with self.lock:
+            self.items.append(f"{who}:\n{traceback.format_exc()}")
+
+    def run(self, who: str, body: Callable[[], None]) -> Callable[[], None]:
+        def target() -> None:
+            try:
+                body()
+            except BaseException:  # noqa: BLE001 - reported by the main thread
+                self.record(who)
+        return target
+
+    def check(self) -> None:
+        assert not self.items, f"{len(self.items)} thread failure(s):\n" + "\n".join(
+            self.items[:5])
+
+
+def run_until(main: List[threading.Thread], done: threading.Event,
+              helpers: List[threading.Thread]) -> None:
+    """Start everything, wait for the main threads, then tell the helpers to stop."""
+    for thread in main + helpers:
+        thread.start()
+    for thread in main:
+        thread.join(JOIN_TIMEOUT)
+    done.set()
+    for thread in helpers:
+        thread.join(JOIN_TIMEOUT)
+    stuck = [t.name for t in main + helpers if t.is_alive()]
+    assert not stuck, f"threads did not finish (deadlock?): {stuck}"
+
+
+def segments(raw: sg.RawTable) -> List[Tuple[int, int]]:
+    flat = raw.export_dma().tolist()
+    return [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
+
+
+# -- shared IOMMU, two devices, a prober ---------------------------------------------------------
+
+def test_threads_share_an_iommu(engine: str) -> None:
+    iterations = WORKER_ITERATIONS[engine]
+    mem = sg.PhysicalMemory(64 << 20, engine=engine)
+    iommu = sg.Iommu(mem, aperture_bits=APERTURE_BITS)
+    devices = [sg.Device(mem, iommu, name="nic"),
+               sg.Device(mem, iommu, name="gpu", dma_mask=sg.DMA_BIT_MASK(64),
+                         max_segment_size=3 * PAGE)]
+    iommu.reserve_iova(*RESERVED)
+    free_at_start = mem.free_pages
+    failures = Failures()
+    workers_done = threading.Event()
+    go = threading.Barrier(N_WORKERS + 1)
+    mapped_by_hand = [0] * N_WORKERS
+    mapped_owned = [0] * N_WORKERS
+    # Addresses the prober uses: none of them can ever be mapped.
+    prober_addresses: Set[int] = set()
+    prober_faults = [0]
+
+    def worker(k: int) -> None:
+        rng = random.Random(1000 + k)
+        go.wait()
+        for it in range(iterations):
+            n_pages = rng.randint(1, 8)
+            pages = mem.alloc_pages(n_pages, rng.choice(["contiguous", "scattered", "random"]),
+                                    seed=rng.getrandbits(64))
+            mine = set(pages.pfns.tolist())
+            dev = devices[(k + it) % 2]
+            direction = rng.choice([Dir.BIDIRECTIONAL, Dir.FROM_DEVICE])
+            owned = None
+            if it % 2 == 0:
+                offset = rng.randrange(PAGE)
+                size = rng.randint(max(1, (n_pages - 1) * PAGE - offset + 1),
+                                   n_pages * PAGE - offset)
+                raw = sg.alloc_table_from_pages(pages.pfns, offset=offset, size=size,
+                                                max_segment=rng.choice([None, 2 * PAGE]),
+                                                engine=engine)
+                sg.dma_map_sgtable(dev, raw, direction)
+                target: Any = raw
+                mapped_by_hand[k] += 1
+            else:
+                owned = sg.SGTable.new(dev, pages, direction)
+                raw = owned._raw_table()
+                target = owned
+                mapped_owned[k] += 1
+            total = sum(length for _, length in segments(raw))
+            data = rng.randbytes(total)
+            assert dev.dma_write_table(target, data) == total
+            # The CPU sees exactly what this thread's device wrote (no other thread's bytes).
+            assert raw.copy_to_buffer(mem, total) == data, f"worker {k}: CPU read-back"
+            if direction is Dir.BIDIRECTIONAL:
+                assert dev.dma_read_table(target) == data, f"worker {k}: device read-back"
+            # Each DMA address translates into this thread's pages, onto the byte written.
+            at = 0
+            for addr, length in segments(raw):
+                for probe in {0, length - 1, rng.randrange(length)}:
+                    phys = iommu.translate(addr + probe, "write")
+                    assert phys // PAGE in mine, f"worker {k}: {addr + probe:#x} -> {phys:#x}"
+                    assert mem.read(phys, 1) == data[at + probe:at + probe + 1]
+                at += length
+            if owned is not None:
+                owned.close()
+                assert pages.closed
+            else:
+                sg.dma_unmap_sgtable(dev, raw, direction)
+                raw.close()
+                pages.close()
+
+    def prober() -> None:
+        rng = random.Random(7)
+        candidates = [
+            lambda: rng.randrange(PAGE),                                 # IOVA 0: never used
+            lambda: RESERVED[0] + rng.randrange(RESERVED[1]),            # reserved window
+            lambda: (1 << APERTURE_BITS) + rng.randrange(1 << 40),       # outside the aperture
+        ]
+        go.wait()
+        probes = 0
+        while not workers_done.is_set() or probes < 200:
+            probes += 1
+            addr = rng.choice(candidates)()
+            prober_addresses.add(addr)
+            dev = devices[probes % 2]
+            try:
+                if probes % 3 == 0:
+                    iommu.translate(addr, "read")
+                elif probes % 3 == 1:
+                    dev.dma_read(addr, rng.randint(1, 64))
+                else:
+                    dev.dma_write(addr, b"\xee" * rng.randint(1, 64))
+            except sg.IommuFault as fault:
+                prober_faults[0] += 1
+                assert fault.iova == addr, (hex(fault.iova), hex(addr))
+                assert fault.fault_reason in ("not mapped", "outside the aperture")
+            else:
+                raise AssertionError(f"an access at never-mapped {addr:#x} did not fault")
+            # Counters and views, read while the workers map and unmap.
+            assert iommu.mapped_pages >= 0
+            assert iommu.fault_total >= prober_faults[0]
+            ranges = iommu.iova_ranges(reserved=True)
+            for a, b in zip(ranges, ranges[1:]):
+                assert a.start + a.size_bytes <= b.start, (a, b)
+            assert all(r.start >= PAGE for r in ranges)
+            live = [r for r in ranges if r.state == "live"]
+            assert not any(r.start < RESERVED[0] + RESERVED[1] and
+                           RESERVED[0] < r.start + r.size_bytes for r in live)
+            for record in iommu.faults()[-8:]:
+                assert record.iova in prober_addresses, f"unexpected fault {record}"
+
+    threads = [threading.Thread(target=failures.run(f"worker {k}", lambda k=k: worker(k)),
+                                name=f"worker-{k}") for k in range(N_WORKERS)]
+    probe_thread = threading.Thread(target=failures.run("prober", prober), name="prober")
+    run_until(threads, workers_done, [probe_thread])
+    failures.check()
+
+    assert sum(mapped_by_hand) + sum(mapped_owned) == N_WORKERS * iterations
+    assert iommu.mapped_pages == 0
+    assert iommu.iova_ranges() == []
+    assert [r.state for r in iommu.iova_ranges(reserved=True)] == ["reserved"]
+    assert [d.live_mappings for d in devices] == [0, 0]
+    assert mem.free_pages == free_at_start
+    # Only the prober's accesses faulted, each exactly once.
+    assert iommu.fault_total == prober_faults[0]
+    assert all(record.iova in prober_addresses for record in iommu.faults())
+    for dev in devices:
+        dev.close()
+    iommu.close()
+    mem.close()
+
+
+# -- unbind racing owned tables ---------------------------------------------------------------
+
+class UnmapLedger:
+    """Counts the engine's map and unmap calls per table handle: a second unmap of one mapping
+    (or an unmap of something never mapped) is recorded as a violation."""
+
+    def __init__(self, engine_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.engine = get_engine(engine_name)
+        self.lock = threading.Lock()
+        self.live: Dict[int, int] = {}
+        self.maps = 0
+        self.unmaps = 0
+        self.violations: List[str] = []
+        real_map, real_unmap = self.engine.dma_map, self.engine.dma_unmap
+
+        def dma_map(dev: Any, table: Any, direction: int, nents: Any = None) -> int:
+            count = real_map(dev, table, direction, nents)
+            key = self.engine.table_address(table)
+            with self.lock:
+                self.maps += 1
+                if self.live.get(key):
+                    self.violations.append(f"table {key:#x} mapped twice")
+                self.live[key] = 1
+            return count
+
+        def dma_unmap(dev: Any, table: Any, direction: int, nents: Any = None) -> None:
+            key = self.engine.table_address(table)
+            with self.lock:
+                # Claim the unmap before doing it: the engine call below must not race
+                # another unmap of the same mapping (that would be the double unmap).
+                if not self.live.get(key):
+                    self.violations.append(f"table {key:#x} unmapped while not mapped")
+                self.live[key] = 0
+                self.unmaps += 1
+            real_unmap(dev, table, direction, nents)
+
+        monkeypatch.setattr(self.engine, "dma_map", dma_map)
+        monkeypatch.setattr(self.engine, "dma_unmap", dma_unmap)
+
+
+def test_unbind_races_owned_tables(engine: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    iterations = UNBIND_ITERATIONS[engine]
+    mem = sg.PhysicalMemory(64 << 20, engine=engine)
+    iommu = sg.Iommu(mem)
+    dev = sg.Device(mem, iommu, name="hotplug")
+    free_at_start = mem.free_pages
+    ledger = UnmapLedger(engine, monkeypatch)
+    failures = Failures()
+    creators_done = threading.Event()
+    n_creators, n_togglers = 8, 8
+    go = threading.Barrier(n_creators + n_togglers)
+    created: List[List[Any]] = [[] for _ in range(n_creators)]
+    refused = [0] * n_creators
+    seen_revoked: List[List[Any]] = [[] for _ in range(n_creators)]
+    released = [0] * n_togglers
+
+    def creator(k: int) -> None:
+        rng = random.Random(k)
+        go.wait()
+        for _ in range(iterations):
+            pages = mem.alloc_pages(rng.randint(1, 6), rng.choice(["scattered", "random"]),
+                                    seed=rng.getrandbits(32))
+            try:
+                table = sg.SGTable.new(dev, pages, rng.choice([Dir.TO_DEVICE,
+                                                              Dir.BIDIRECTIONAL]))
+            except sg.DeviceUnbound:
+                # Refused: nothing mapped, and the pages are still the caller's.
+                assert not pages.closed and pages._owner is None
+                pages.close()
+                refused[k] += 1
+                continue
+            created[k].append(table)
+            view = None
+            try:
+                view = table.borrow()
+                for _ in range(rng.randint(1, 4)):  # hold it a while, using it
+                    entries = list(table)
+                    assert sum(e.dma_len for e in entries) == pages.n_pages * PAGE
+                    assert view.nents == len(entries)
+            except sg.ClosedError as exc:
+                # Documented: a revoked table (or a view of it) raises ClosedError on use.
+                assert "revoked" in str(exc), exc
+                seen_revoked[k].append(table)
+            table.close()
+            table.close()  # idempotent
+            assert table.closed and pages.closed
+            if view is not None:
+                with pytest.raises(sg.ClosedError):
+                    list(view)
+
+    def toggler(k: int) -> None:
+        go.wait()
+        while not creators_done.is_set():
+            released[k] += dev.unbind()
+            dev.bind()
+            time.sleep(0.0005 * (k + 1))  # bound most of the time, unbound often
+
+    creators = [threading.Thread(target=failures.run(f"creator {k}", lambda k=k: creator(k)),
+                                 name=f"creator-{k}") for k in range(n_creators)]
+    togglers = [threading.Thread(target=failures.run(f"toggler {k}", lambda k=k: toggler(k)),
+                                 name=f"toggler-{k}") for k in range(n_togglers)]
+    run_until(creators, creators_done, togglers)
+    failures.check()
+
+    tables = [t for per_thread in created for t in per_thread]
+    assert len(tables) + sum(refused) == n_creators * iterations
+    assert tables, "no SGTable was ever created: the race was not exercised"
+    # Exactly once: every successful map was unmapped once, never twice.
+    assert ledger.violations == []
+    assert ledger.maps == ledger.unmaps
+    assert all(v == 0 for v in ledger.live.values())
+    assert all(t.closed for t in tables)
+    revoked = [t for t in tables if t.revoked]
+    assert all(t.revoked for per_thread in seen_revoked for t in per_thread)
+    # Each revocation was counted by the unbind that made it.  (An unbind can also count an
+    # entry whose owner unmapped it a moment earlier; it never counts fewer.)
+    assert len(revoked) <= sum(released)
+    assert sum(released) <= len(tables)
+    # Nothing left behind: the IOMMU, the device and the memory are back to the start.
+    dev.bind()
+    assert dev.unbind() == 0
+    assert dev.live_mappings == 0
+    assert iommu.mapped_pages == 0
+    assert iommu.iova_ranges() == []
+    assert mem.free_pages == free_at_start
+    assert iommu.fault_total == 0
+    dev.close()
+    iommu.close()
+    mem.close()
