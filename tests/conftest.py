@@ -43,5 +43,16 @@ def memory(engine: str):  # type: ignore[no-untyped-def]
     mem.close()
 
 
+@pytest.fixture
+def system(engine: str):  # type: ignore[no-untyped-def]
+    """Memory of 64 MiB, an IOMMU with 4 KiB granules, a device "nic" behind it and a device
+    "direct" without one (modules may define their own ``system``)."""
+    mem = sg.PhysicalMemory(64 << 20, engine=engine)
+    iommu = sg.Iommu(mem)
+    dev = sg.Device(mem, iommu=iommu, name="nic")
+    direct = sg.Device(mem, name="direct")
+    return mem, iommu, dev, direct
+
+
 def cpu_rows(table: sg.RawTable) -> list[tuple[int, int, int]]:
     return [(e.pfn, e.offset, e.length) for e in table]

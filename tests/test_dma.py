@@ -11,16 +11,6 @@ PAGE = 4096
 DMA_MAPPING_ERROR = (1 << 64) - 1
 
 
-@pytest.fixture
-def system(engine):
-    """Memory of 64 MiB, an IOMMU with 4 KiB granules, a device behind it, a direct device."""
-    mem = sg.PhysicalMemory(64 << 20, engine=engine)
-    iommu = sg.Iommu(mem)
-    dev = sg.Device(mem, iommu=iommu, name="nic")
-    direct = sg.Device(mem, name="direct")
-    yield mem, iommu, dev, direct
-
-
 def dma_rows(table):
     return [(e.dma_address, e.dma_len) for e in table.dma_entries()]
 

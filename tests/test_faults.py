@@ -13,15 +13,6 @@ from scatterlist import faults
 PAGE = 4096
 
 
-@pytest.fixture
-def system(engine):
-    mem = sg.PhysicalMemory(64 << 20, engine=engine)
-    iommu = sg.Iommu(mem)
-    dev = sg.Device(mem, iommu=iommu, name="nic")
-    direct = sg.Device(mem, name="direct")
-    return mem, iommu, dev, direct
-
-
 def nothing_left(iommu, dev):
     return (iommu.mapped_pages == 0 and iommu.iova_ranges() == [] and dev.live_mappings == 0)
 
