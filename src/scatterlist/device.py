@@ -11,7 +11,8 @@ from __future__ import annotations
 import errno
 import threading
 import weakref
-from typing import Any, Callable, List, Optional, Union
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, List, Optional, Union
 
 from . import debug
 from . import debug as debug_module
@@ -42,7 +43,7 @@ class _Devres:
 
     __slots__ = ("_release", "_done", "_lock", "_anchor", "__weakref__")
 
-    def __init__(self, release: Callable[[], None], anchor: Optional[object] = None) -> None:
+    def __init__(self, release: Callable[[], bool], anchor: Optional[object] = None) -> None:
         self._release = release
         self._done = False
         self._lock = threading.Lock()
@@ -54,13 +55,13 @@ class _Devres:
         return self._done or (self._anchor is not None and self._anchor() is None)
 
     def revoke(self) -> bool:
-        """Release now unless already released; True if this call released it."""
+        """Release now unless already released; True if this call released something (the
+        owner may have released the resource itself a moment before)."""
         with self._lock:
             if self._done:
                 return False
             self._done = True
-        self._release()
-        return True
+        return self._release()
 
     def disarm(self) -> None:
         """The owner released the resource itself: unbind must not run the release."""
@@ -278,7 +279,7 @@ class Device:
             debug.check_unbind(self)
         return released
 
-    def _register(self, release: Callable[[], None],
+    def _register(self, release: Callable[[], bool],
                   anchor: Optional[object] = None) -> _Devres:
         """Devres: run ``release`` at unbind unless revoked first.  ``DeviceUnbound`` if the
         device is not bound (nothing is registered then).  ``anchor``, held weakly, is the
@@ -324,8 +325,9 @@ class Device:
         table_handle = raw._require_open()
         if n_bytes is None:
             n_bytes = sum(raw.export_dma()[1::2])
-        return self._engine.dma_read_sg(handle, table_handle,
-                                        require_range("n_bytes", n_bytes, 0, self._memory.size))
+        n_bytes = require_range("n_bytes", n_bytes, 0, self._memory.size)
+        with _revocation_as_closed(table):
+            return self._engine.dma_read_sg(handle, table_handle, n_bytes)
 
     @locked
     def dma_write_table(self, table: Union[RawTable, "Any"], data: Any) -> int:
@@ -334,7 +336,8 @@ class Device:
         handle = self._require_open()
         raw = _raw_of(table, self)
         view = memoryview(data).cast("B")
-        self._engine.dma_write_sg(handle, raw._require_open(), view)
+        with _revocation_as_closed(table):
+            self._engine.dma_write_sg(handle, raw._require_open(), view)
         return len(view)
 
     # -- lifetime -----------------------------------------------------------------------
@@ -371,6 +374,18 @@ class Device:
         mode = "direct" if self._iommu is None else f"iommu granule={self._iommu.granule}"
         return (f"<Device {self._name!r} {mode}, {'bound' if self.bound else 'unbound'}, "
                 f"{self.live_mappings} live mappings, engine={self.engine}>")
+
+
+@contextmanager
+def _revocation_as_closed(table: Any) -> Iterator[None]:
+    """An SGTable whose mapping an unbind revoked between our check and the engine's: report
+    it as the revocation (ClosedError) it is, not as an unmapped table."""
+    try:
+        yield
+    except InvalidArgument as exc:
+        if exc.reason is Reason.NOT_MAPPED and not isinstance(table, RawTable):
+            raise ClosedError("SGTable's DMA mapping was revoked by device unbind") from None
+        raise
 
 
 def _raw_of(table: Any, device: "Device") -> RawTable:

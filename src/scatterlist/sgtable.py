@@ -33,7 +33,7 @@ class Borrowed:
     """Type-state: a view of a table someone else owns."""
 
 
-def _revoker(raw: RawTable) -> Callable[[], None]:
+def _revoker(raw: RawTable) -> Callable[[], bool]:
     """The Devres release of an owned table: unmap at unbind (once; see _Mapping.unmap).
     It holds the mapping weakly: a table dropped without close() unmaps through its own
     safety net, and its Devres entry then has nothing left to release."""
@@ -41,10 +41,9 @@ def _revoker(raw: RawTable) -> Callable[[], None]:
     assert mapping is not None
     mapping_ref = weakref.ref(mapping)
 
-    def revoke() -> None:
+    def revoke() -> bool:
         live = mapping_ref()
-        if live is not None:
-            live.unmap(by_unbind=True)
+        return live is not None and live.unmap(by_unbind=True)
 
     return revoke
 
