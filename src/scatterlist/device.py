@@ -326,7 +326,7 @@ class Device:
         if n_bytes is None:
             n_bytes = sum(raw.export_dma()[1::2])
         n_bytes = require_range("n_bytes", n_bytes, 0, self._memory.size)
-        with _revocation_as_closed(table):
+        with _mapping_held(raw), _revocation_as_closed(table):
             return self._engine.dma_read_sg(handle, table_handle, n_bytes)
 
     @locked
@@ -336,7 +336,7 @@ class Device:
         handle = self._require_open()
         raw = _raw_of(table, self)
         view = memoryview(data).cast("B")
-        with _revocation_as_closed(table):
+        with _mapping_held(raw), _revocation_as_closed(table):
             self._engine.dma_write_sg(handle, raw._require_open(), view)
         return len(view)
 
@@ -374,6 +374,19 @@ class Device:
         mode = "direct" if self._iommu is None else f"iommu granule={self._iommu.granule}"
         return (f"<Device {self._name!r} {mode}, {'bound' if self.bound else 'unbound'}, "
                 f"{self.live_mappings} live mappings, engine={self.engine}>")
+
+
+@contextmanager
+def _mapping_held(raw: RawTable) -> Iterator[None]:
+    """Hold the table's mapping for the length of a whole-table transfer: an unmap or an
+    unbind revocation on another thread waits, so the transfer never follows addresses that
+    were freed (and perhaps handed to another table) halfway through."""
+    mapping = raw._resources.mapping
+    if mapping is None:
+        yield
+        return
+    with mapping.lock:
+        yield
 
 
 @contextmanager
