@@ -4,7 +4,8 @@ One hypothesis state machine builds the same system on both engines (a small mem
 two devices behind it and one direct device, with random DMA limits) and applies the same
 random sequence of operations to both: page allocation and freeing, table building and
 appending, DMA mapping and unmapping, device reads and writes (valid and faulting), CPU copies,
-syncs, owned SGTables, device unbind/bind, fault injection and IOVA reservation.
+syncs, owned SGTables, device unbind/bind, fault injection, IOVA reservation and close()
+calls that must be refused.
 
 After every operation the two engines must agree on the outcome (the value, or the exception's
 class, errno, reason and message) and on every piece of observable state; on each engine the
@@ -43,10 +44,8 @@ PAGE = 4096
 GRANULE = 4096
 U64_MAX = (1 << 64) - 1
 U32_MAX = 0xFFFFFFFF
-DMA_MAPPING_ERROR = U64_MAX
 ENGINES = ("native", "model")
 DEVICES = ("iommu0", "iommu1", "direct")
-IOMMU_DEVICES = ("iommu0", "iommu1")
 MAX_TABLES = 8
 MAX_PAGES_OBJECTS = 8
 MAX_TABLE_PAGES = 40
@@ -145,7 +144,8 @@ class Outcome:
     def describe(self) -> str:
         if self.exc is None:
             return f"returned {self.value!r:.300}"
-        return f"raised {type(self.exc).__name__}({self.exc}) errno={getattr(self.exc, 'errno', None)}"
+        errno = getattr(self.exc, "errno", None)
+        return f"raised {type(self.exc).__name__}({self.exc}) errno={errno}"
 
 
 def attempt(fn: Callable[[], Any]) -> Outcome:
@@ -575,7 +575,8 @@ class LockstepMachine(RuleBasedStateMachine):
 
     # -- CPU copies -----------------------------------------------------------------------
     @precondition(lambda self: self.tables)
-    @rule(t=INDEX, n=st.integers(0, 3 * PAGE), skip=mostly(st.just(0), st.integers(0, 45 * PAGE), 5),
+    @rule(t=INDEX, n=st.integers(0, 3 * PAGE),
+          skip=mostly(st.just(0), st.integers(0, 45 * PAGE), 5),
           seed=st.integers(0, 2**32))
     def cpu_copy(self, t: int, n: int, skip: int, seed: int) -> None:
         table = pick(self.tables, t)
@@ -670,7 +671,8 @@ class LockstepMachine(RuleBasedStateMachine):
         """(IOVA, laid-out length) of an IOMMU-mapped table, derived from its entries."""
         segs = self.segment_rows(raw)
         cpu = rows(raw.export_cpu(), 3)
-        iova_len = laid_out_length(cpu, self.limits(dev)["seg_boundary_mask"])  # type: ignore[arg-type]
+        iova_len = laid_out_length(cpu,  # type: ignore[arg-type]
+                                   self.limits(dev)["seg_boundary_mask"])
         return segs[0][0] & ~(GRANULE - 1), iova_len
 
     def check_block_unmapped(self, dev: str, block: Tuple[int, int],
@@ -703,24 +705,37 @@ class LockstepMachine(RuleBasedStateMachine):
         right = table.mapped is not None and table.mapped[0] == dev and direction is not Dir.NONE
         assert native.ok == right, native.describe()
 
-    @rule(op=st.sampled_from(["fail_maps", "reserve_iova", "clear_faults"]),
+    @rule(op=st.sampled_from(["fail_maps", "reserve_iova", "clear_faults", "refused_close"]),
           dev=st.sampled_from(DEVICES), nth=st.integers(1, 3),
           errno_value=st.sampled_from([12, 22, 5]), start_granule=st.integers(1, 1 << 12),
           n_granules=st.integers(1, 8))
     def admin(self, op: str, dev: str, nth: int, errno_value: int, start_granule: int,
               n_granules: int) -> None:
-        """Fault injection on a device's next map calls, an IOVA reservation, or a clear of
-        the fault log (the total keeps counting)."""
+        """Fault injection on a device's next map calls, an IOVA reservation, a clear of the
+        fault log (the total keeps counting), or close() calls that must be refused."""
         if op == "fail_maps":
             self.both("fail_maps", lambda w: self.dev(w, dev).fail_maps(
                 nth=nth, errno_value=errno_value))
         elif op == "reserve_iova":
             self.both("reserve_iova", lambda w: self.worlds[w].iommu.reserve_iova(
                 start_granule * GRANULE, n_granules * GRANULE))
-        else:
+        elif op == "clear_faults":
             totals = self.fault_totals()
             self.both("clear_faults", lambda w: self.worlds[w].iommu.clear_faults())
             assert self.worlds[0].iommu.faults() == [] and self.fault_totals() == totals
+        else:
+            # Memory and IOMMU have users; a device with tables mapped by hand refuses too,
+            # and a refused close changes nothing (no unbind, no revoked SGTable).
+            for what, close in (("PhysicalMemory.close", lambda w: self.worlds[w].mem.close()),
+                                ("Iommu.close", lambda w: self.worlds[w].iommu.close())):
+                native, _ = self.both(what, close)
+                assert isinstance(native.exc, sg.BusyError), (what, native.describe())
+            busy = [t.mapped[0] for t in self.tables if t.mapped is not None]
+            if busy:
+                key = pick(busy, nth)
+                native, _ = self.both(f"Device.close({key})", lambda w: self.dev(w, key).close())
+                assert isinstance(native.exc, sg.BusyError), native.describe()
+                assert self.dev(0, key).bound == self.bound[key]
 
     # -- device-side access ---------------------------------------------------------------
     def stream_offset(self, segs: List[Tuple[int, int]], j: int) -> int:
