@@ -11,6 +11,7 @@ import cffi
 
 C_SOURCES = [
     "csrc/sl_common.c",
+    "csrc/sl_fork.c",
     "csrc/physmem.c",
     "csrc/scatterlist.c",
     "csrc/iova.c",
@@ -19,6 +20,7 @@ C_SOURCES = [
 ]
 C_HEADERS = [
     "csrc/sl_common.h",
+    "csrc/sl_fork.h",
     "csrc/physmem.h",
     "csrc/scatterlist.h",
     "csrc/iova.h",
@@ -28,17 +30,17 @@ C_HEADERS = [
 
 CDEF = """
 #define SL_ABI_VERSION ...
-#define SG_CHAIN ...
-#define SG_END ...
 #define SG_ENTRY_BYTES ...
-#define SG_MAX_SEGMENT_UNLIMITED ...
-#define SL_GROUP_PAGES ...
 
-struct sl_error_detail { int reason; uint64_t index; uint64_t value; };
+struct sl_error_detail {
+    int reason;
+    uint32_t access;
+    uint64_t element;
+    uint64_t value;
+    uint64_t limit;
+};
 const struct sl_error_detail *sl_last_error(void);
 int sl_abi_version(void);
-
-enum sl_layout { SL_LAYOUT_CONTIGUOUS, SL_LAYOUT_SCATTERED, SL_LAYOUT_RANDOM };
 
 struct physmem;
 int physmem_create(uint64_t size_bytes, uint32_t page_size, struct physmem **out);
@@ -53,44 +55,28 @@ int physmem_free_pages_list(struct physmem *mem, const uint64_t *pfns, uint64_t 
 int physmem_read(struct physmem *mem, uint64_t phys, void *buf, uint64_t n_bytes);
 int physmem_write(struct physmem *mem, uint64_t phys, const void *buf, uint64_t n_bytes);
 
-struct scatterlist {
-    uint64_t page_link;
-    uint32_t offset;
-    uint32_t length;
-    uint64_t dma_address;
-    uint32_t dma_length;
-    uint32_t dma_flags;
-};
-struct sg_table { struct scatterlist *sgl; uint32_t nents; uint32_t orig_nents; };
+struct sg_table { uint32_t nents; uint32_t orig_nents; ...; };
 struct dma_device;
 struct sl_table {
     struct sg_table sgt;
-    struct scatterlist *prv;
     uint32_t total_nents;
-    uint32_t prv_slot;
-    uint32_t page_size;
-    unsigned page_shift;
-    uint32_t chunk_entries;
-    uint32_t max_segment_bytes;
     int final;
-    ...;
     uint64_t n_chunks;
     struct dma_device *dma_dev;
     int dma_dir;
     uint32_t dma_map_nents;
     uint64_t dma_iova;
     uint64_t dma_iova_len;
+    uint32_t dma_mapped_count;
     ...;
 };
 int sl_table_create(uint32_t page_size, uint32_t max_segment_bytes, struct sl_table **out);
 void sl_table_destroy(struct sl_table *table);
-void sl_table_free_entries(struct sl_table *table);
 int sg_alloc_append_table_from_pages(struct sl_table *table, const uint64_t *pfns,
                                      uint64_t n_pages, uint32_t offset, uint64_t size_bytes,
                                      uint64_t left_pages);
 int sg_alloc_table_from_entries(struct sl_table *table, const uint64_t *rows,
                                 uint64_t n_entries);
-struct scatterlist *sg_next(struct scatterlist *sg);
 uint64_t sg_nents(const struct sl_table *table);
 int64_t sg_nents_for_len(const struct sl_table *table, uint64_t len_bytes);
 int sl_table_export_cpu(const struct sl_table *table, uint64_t n_entries, uint64_t *rows_out);
@@ -101,7 +87,6 @@ uint64_t sl_table_page_pfns(const struct sl_table *table, uint64_t start_pgoffse
                             uint64_t *pfns_out, uint64_t capacity);
 int sg_copy_buffer(const struct sl_table *table, struct physmem *mem, void *buf,
                    uint64_t buflen, uint64_t skip, int to_buffer, uint64_t *copied_out);
-uint64_t sl_chunk_cache_bytes(void);
 void sl_chunk_cache_drain(void);
 
 /* IOVA allocator */
@@ -116,17 +101,13 @@ int iova_alloc(struct iova_domain *dom, uint64_t size_granules, uint64_t limit_p
 int iova_free(struct iova_domain *dom, uint64_t pfn, uint64_t size_granules);
 int iova_reserve(struct iova_domain *dom, uint64_t lo_pfn, uint64_t hi_pfn);
 uint64_t iova_live_ranges(const struct iova_domain *dom);
-uint64_t iova_live_granules(const struct iova_domain *dom);
 uint64_t iova_cached_ranges(const struct iova_domain *dom);
 uint64_t iova_ranges(const struct iova_domain *dom, uint64_t from_pfn, uint32_t state_mask,
                      struct iova_range *out, uint64_t capacity);
-void iova_flush_rcache(struct iova_domain *dom);
-int iova_check(const struct iova_domain *dom);
 
 /* IOMMU domain */
 #define IOMMU_READ ...
 #define IOMMU_WRITE ...
-#define IOMMU_PROT_MASK ...
 #define IOMMU_FAULT_LOG_SIZE ...
 struct iommu_fault { uint64_t seq; uint64_t iova; uint32_t access; uint32_t reason;
                      uint32_t prot; uint32_t reserved_pad; };
@@ -138,15 +119,13 @@ int iommu_translate(struct iommu_domain *dom, uint64_t iova, uint32_t access,
                     uint64_t *phys_out);
 int iommu_lookup(const struct iommu_domain *dom, uint64_t iova, uint64_t *phys_out,
                  uint32_t *prot_out);
-uint64_t iommu_aperture_last(const struct iommu_domain *dom);
 uint64_t iommu_mapped_pages(const struct iommu_domain *dom);
 uint64_t iommu_fault_total(const struct iommu_domain *dom);
-uint32_t iommu_fault_count(const struct iommu_domain *dom);
 uint32_t iommu_faults_read(const struct iommu_domain *dom, struct iommu_fault *out,
                            uint32_t capacity);
 void iommu_faults_clear(struct iommu_domain *dom);
 
-/* DMA */
+/* IOMMU object and devices */
 struct sl_iommu;
 int sl_iommu_create(uint32_t granule_bytes, unsigned aperture_bits, struct sl_iommu **out);
 void sl_iommu_destroy(struct sl_iommu *iommu);
@@ -154,24 +133,24 @@ struct iommu_domain *sl_iommu_domain(struct sl_iommu *iommu);
 struct iova_domain *sl_iommu_iovad(struct sl_iommu *iommu);
 void sl_iommu_lock(struct sl_iommu *iommu);
 void sl_iommu_unlock(struct sl_iommu *iommu);
-struct dma_device {
-    struct physmem *mem;
-    struct sl_iommu *iommu;
+struct dma_device_limits {
     uint64_t dma_mask;
     uint32_t max_segment_size;
     uint64_t seg_boundary_mask;
     uint64_t max_mapping_size;
-    int pci_32bit_workaround;
-    int bound;
-    uint64_t live_mappings;
-    uint64_t inject_countdown;
-    uint32_t inject_ppm;
-    int inject_errno;
-    uint64_t inject_rng_state;
-    uint64_t injected_failures;
 };
 int dma_device_create(struct physmem *mem, struct sl_iommu *iommu, struct dma_device **out);
 void dma_device_destroy(struct dma_device *dev);
+void dma_device_get_limits(const struct dma_device *dev, struct dma_device_limits *out);
+int dma_device_set_limits(struct dma_device *dev, const struct dma_device_limits *limits);
+int dma_device_is_bound(const struct dma_device *dev);
+void dma_device_set_bound(struct dma_device *dev, int bound);
+uint64_t dma_device_live_mappings(const struct dma_device *dev);
+int dma_device_inject_failures(struct dma_device *dev, uint64_t nth, uint32_t ppm, int err,
+                               uint64_t seed);
+uint64_t dma_device_injected_failures(const struct dma_device *dev);
+struct dma_device_injection { uint64_t nth; uint32_t ppm; int err; uint64_t rng_state; };
+void dma_device_get_injection(const struct dma_device *dev, struct dma_device_injection *out);
 int dma_map_sgtable(struct dma_device *dev, struct sl_table *table, int dir);
 int dma_unmap_sgtable(struct dma_device *dev, struct sl_table *table, int dir);
 int dma_sync_sgtable(struct dma_device *dev, struct sl_table *table, int dir, int for_cpu);
@@ -186,6 +165,8 @@ int dma_device_read_sg(struct dma_device *dev, const struct sl_table *table, voi
                        uint64_t n_bytes);
 int dma_device_write_sg(struct dma_device *dev, const struct sl_table *table, const void *buf,
                         uint64_t n_bytes);
+int dma_device_check_access(struct dma_device *dev, uint64_t dma_addr, uint64_t n_bytes,
+                            uint32_t access);
 """
 
 ffibuilder = cffi.FFI()

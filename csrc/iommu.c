@@ -156,7 +156,7 @@ int iommu_domain_create(uint32_t granule_bytes, unsigned aperture_bits,
         return sl_fail(EINVAL, SL_REASON_GRANULE, 0, granule_bytes);
     unsigned granule_shift = (unsigned)__builtin_ctz(granule_bytes);
     if (aperture_bits <= granule_shift || aperture_bits > 64)
-        return sl_fail(EINVAL, SL_REASON_APERTURE_BITS, granule_shift, aperture_bits);
+        return sl_fail(EINVAL, SL_REASON_APERTURE_BITS, 0, aperture_bits);
     struct iommu_domain *dom = calloc(1, sizeof(*dom));
     if (!dom)
         return sl_fail(ENOMEM, SL_REASON_NO_MEMORY, 0, 0);
@@ -171,12 +171,14 @@ int iommu_domain_create(uint32_t granule_bytes, unsigned aperture_bits,
     unsigned root_bits = pfn_bits - dom->bits_per_level * (dom->levels - 1);
     dom->root_slots = UINT64_C(1) << root_bits;
     dom->root = table_alloc(dom, dom->root_slots);
-    if (!dom->root) {
-        free(dom);
-        return sl_fail(ENOMEM, SL_REASON_NO_MEMORY, 0, 0);
-    }
+    if (!dom->root)
+        goto err_free_dom;
     *out = dom;
     return 0;
+
+err_free_dom:
+    free(dom);
+    return sl_fail(ENOMEM, SL_REASON_NO_MEMORY, 0, 0);
 }
 
 static void free_table(const struct iommu_domain *dom, struct pt_table *t, unsigned level,
@@ -208,25 +210,28 @@ unsigned iommu_levels(const struct iommu_domain *dom) { return dom->levels; }
 uint64_t iommu_mapped_pages(const struct iommu_domain *dom) { return dom->n_mapped; }
 uint64_t iommu_table_count(const struct iommu_domain *dom) { return dom->n_tables; }
 
-/* Alignment of a map/unmap request; index says which argument: 0 iova, 1 phys, 2 size. */
+/* Alignment of a map/unmap request, checked in the order iova, phys, size; value = the first
+ * misaligned one, limit = the granule. */
 static int check_align(const struct iommu_domain *dom, uint64_t iova, uint64_t phys,
                        uint64_t size_bytes)
 {
     uint64_t granule_mask = dom->granule_bytes - 1;
-    if (iova & granule_mask)
-        return sl_fail(EINVAL, SL_REASON_IOMMU_ALIGN, 0, iova);
-    if (phys & granule_mask)
-        return sl_fail(EINVAL, SL_REASON_IOMMU_ALIGN, 1, phys);
-    if (size_bytes & granule_mask)
-        return sl_fail(EINVAL, SL_REASON_IOMMU_ALIGN, 2, size_bytes);
+    uint64_t bad = iova & granule_mask ? iova : phys & granule_mask ? phys : size_bytes;
+    if ((iova | phys | size_bytes) & granule_mask)
+        return sl_fail_limit(EINVAL, SL_REASON_IOMMU_ALIGN, 0, bad, dom->granule_bytes);
     return 0;
+}
+
+static int fail_aperture(const struct iommu_domain *dom, uint64_t element, uint64_t iova)
+{
+    return sl_fail_limit(EINVAL, SL_REASON_IOMMU_APERTURE, element, iova, dom->aperture_last);
 }
 
 /* [iova, iova + size_bytes) inside the aperture; size_bytes > 0. */
 static int check_aperture(const struct iommu_domain *dom, uint64_t iova, uint64_t size_bytes)
 {
     if (iova > dom->aperture_last || size_bytes - 1 > dom->aperture_last - iova)
-        return sl_fail(EINVAL, SL_REASON_IOMMU_APERTURE, size_bytes, iova);
+        return fail_aperture(dom, 0, iova);
     return 0;
 }
 
@@ -260,7 +265,7 @@ static int map_pages(struct iommu_domain *dom, uint64_t pfn, uint64_t n_pages,
             if (pte[i]) {
                 leaf->n_used += i;
                 clear_pages(dom, pfn, done + i);
-                return sl_fail(EEXIST, SL_REASON_IOMMU_MAPPED, done + i,
+                return sl_fail(EEXIST, SL_REASON_IOMMU_MAPPED, 0,
                                (cur + i) << dom->granule_shift);
             }
             pte[i] = run_phys | pte_bits;
@@ -292,7 +297,7 @@ int iommu_map(struct iommu_domain *dom, uint64_t iova, uint64_t phys, uint64_t s
     if (err)
         return err;
     if (size_bytes - 1 > UINT64_MAX - phys)
-        return sl_fail(EINVAL, SL_REASON_IOMMU_PHYS_RANGE, size_bytes, phys);
+        return sl_fail(EINVAL, SL_REASON_IOMMU_PHYS_RANGE, 0, phys);
     struct iommu_run run = {phys, size_bytes};
     return map_pages(dom, iova >> dom->granule_shift, size_bytes >> dom->granule_shift, &run,
                      prot);
@@ -305,25 +310,36 @@ int iommu_map_runs(struct iommu_domain *dom, uint64_t iova, const struct iommu_r
         return sl_fail(EINVAL, SL_REASON_IOMMU_PROT, 0, prot);
     uint64_t granule_mask = dom->granule_bytes - 1;
     if (iova & granule_mask)
-        return sl_fail(EINVAL, SL_REASON_IOMMU_ALIGN, 0, iova);
+        return sl_fail_limit(EINVAL, SL_REASON_IOMMU_ALIGN, 0, iova, dom->granule_bytes);
+    /* Every run is checked first (element = the run), then the whole range against the
+     * aperture. */
     uint64_t total = 0;
     for (uint64_t i = 0; i < n_runs; i++) {
         if ((runs[i].phys | runs[i].len_bytes) & granule_mask)
-            return sl_fail(EINVAL, SL_REASON_IOMMU_ALIGN, i,
-                           runs[i].phys & granule_mask ? runs[i].phys : runs[i].len_bytes);
+            return sl_fail_limit(EINVAL, SL_REASON_IOMMU_ALIGN, i,
+                                 runs[i].phys & granule_mask ? runs[i].phys : runs[i].len_bytes,
+                                 dom->granule_bytes);
         if (runs[i].len_bytes == 0)
             continue;
         if (runs[i].len_bytes - 1 > UINT64_MAX - runs[i].phys)
             return sl_fail(EINVAL, SL_REASON_IOMMU_PHYS_RANGE, i, runs[i].phys);
         if (runs[i].len_bytes > UINT64_MAX - total)
-            return sl_fail(EINVAL, SL_REASON_IOMMU_APERTURE, i, iova);
+            return fail_aperture(dom, i, iova);
         total += runs[i].len_bytes;
     }
     if (total == 0)
         return 0;
-    int err = check_aperture(dom, iova, total);
-    if (err)
-        return err;
+    if (iova > dom->aperture_last || total - 1 > dom->aperture_last - iova) {
+        /* element = the first run that reaches past the aperture's end. */
+        uint64_t k = 0, end = 0;
+        for (; k < n_runs; k++) {
+            end += runs[k].len_bytes;
+            if (runs[k].len_bytes && (iova > dom->aperture_last ||
+                                      end - 1 > dom->aperture_last - iova))
+                break;
+        }
+        return fail_aperture(dom, k, iova);
+    }
     return map_pages(dom, iova >> dom->granule_shift, total >> dom->granule_shift, runs, prot);
 }
 
@@ -337,7 +353,7 @@ int64_t iommu_unmap(struct iommu_domain *dom, uint64_t iova, uint64_t size_bytes
         return err;
     /* The byte count is returned as int64_t. */
     if (size_bytes > (uint64_t)INT64_MAX)
-        return sl_fail(EINVAL, SL_REASON_IOMMU_APERTURE, size_bytes, iova);
+        return fail_aperture(dom, 0, iova);
     uint64_t cleared = clear_pages(dom, iova >> dom->granule_shift,
                                    size_bytes >> dom->granule_shift);
     dom->n_mapped -= cleared;
@@ -365,7 +381,7 @@ static int log_fault(struct iommu_domain *dom, uint64_t iova, uint32_t access,
     int sl_reason = reason == IOMMU_FAULT_NOT_MAPPED      ? SL_REASON_IOMMU_FAULT_NOT_MAPPED
                     : reason == IOMMU_FAULT_NO_PERMISSION ? SL_REASON_IOMMU_FAULT_PERMISSION
                                                           : SL_REASON_IOMMU_FAULT_APERTURE;
-    return sl_fail(EFAULT, sl_reason, access, iova);
+    return sl_fail_access(EFAULT, sl_reason, access, iova, 0);
 }
 
 /* Checks one page entry for an access at iova; 0 or the logged fault. */
@@ -407,7 +423,7 @@ int iommu_translate_range(struct iommu_domain *dom, uint64_t iova, uint64_t len_
     if (len_bytes == 0)
         return 0;
     if (len_bytes - 1 > UINT64_MAX - iova)
-        return sl_fail(EINVAL, SL_REASON_IOMMU_APERTURE, len_bytes, iova);
+        return fail_aperture(dom, 0, iova);
 
     uint64_t granule_mask = dom->granule_bytes - 1;
     uint64_t addr = iova, left = len_bytes, n_runs = 0;
@@ -437,7 +453,7 @@ int iommu_translate_range(struct iommu_domain *dom, uint64_t iova, uint64_t len_
         if (n_runs && runs_out[n_runs - 1].phys + runs_out[n_runs - 1].len_bytes == phys) {
             runs_out[n_runs - 1].len_bytes += piece;
         } else if (n_runs == capacity) {
-            err = sl_fail(ENOSPC, SL_REASON_IOMMU_RUNS_CAPACITY, capacity, addr);
+            err = sl_fail_limit(ENOSPC, SL_REASON_IOMMU_RUNS_CAPACITY, 0, addr, capacity);
             break;
         } else {
             runs_out[n_runs].phys = phys;

@@ -9,16 +9,22 @@
  * Units: addresses and sizes in bytes; iova, phys and size must be multiples of the granule for
  * map and unmap.  The aperture is [0, 2^aperture_bits - 1].
  *
- * Errors: -EINVAL for bad arguments (misalignment, outside the aperture, unknown bits), with
- * nothing changed.  A device access that cannot be translated is a fault: it is appended to
- * the domain's fault log and the call returns -EFAULT whatever the cause; the cause is in the
- * log record and in sl_last_error() (reason SL_REASON_IOMMU_FAULT_NOT_MAPPED, _PERMISSION or
- * _APERTURE, index = the access, value = the faulting IOVA).  One errno for every fault keeps
- * "IOMMU fault" a single exception class above; a missing permission is not reported as
- * -EACCES.
+ * Ownership: iommu_domain_create hands the caller a domain that only iommu_domain_destroy
+ * frees, page tables included.  Run arrays and outputs stay the caller's.
  *
- * Not thread-safe: a domain must be used by one thread at a time (one mutex around each public
- * call is enough; no public function calls another). */
+ * Errors: 0 or a negative errno with sl_last_error() set (sl_common.h lists the fields each
+ * reason fills).  -EINVAL for bad arguments (misalignment: IOMMU_ALIGN with value = the
+ * misaligned number and limit = the granule; outside the aperture: IOMMU_APERTURE with value =
+ * iova and limit = the last valid IOVA; unknown bits), with nothing changed.  A device access
+ * that cannot be translated is a fault: it is appended to the domain's fault log and the call
+ * returns -EFAULT whatever the cause; the cause is in the log record and in sl_last_error()
+ * (reason SL_REASON_IOMMU_FAULT_NOT_MAPPED, _PERMISSION or _APERTURE, value = the faulting
+ * IOVA, access = the access).  One errno for every fault keeps "IOMMU fault" a single exception
+ * class above; a missing permission is not reported as -EACCES.
+ *
+ * Not thread-safe: a domain must be used by one thread at a time.  No public function calls
+ * another and none takes a lock, so one mutex around each public call is enough (struct
+ * sl_iommu in dma.h pairs a domain with such a mutex, the IOMMU lock). */
 #ifndef SL_IOMMU_H
 #define SL_IOMMU_H
 
@@ -81,36 +87,43 @@ uint64_t iommu_table_count(const struct iommu_domain *dom); /* tables allocated,
  * pages no access may use).  All of it or nothing: -EEXIST if any page is already mapped,
  * -EINVAL for misalignment, a range outside the aperture, a physical range past 2^64 or unknown
  * prot bits, -ENOMEM if a table cannot be allocated.  size_bytes == 0 maps nothing (the
- * alignment checks still apply).  sl_last_error(): for SL_REASON_IOMMU_ALIGN, index 0/1/2 names
- * iova/phys/size and value is it; for -EEXIST, index is the page number within the range and
- * value the IOVA of the page found mapped. */
+ * alignment checks still apply).  sl_last_error(): IOMMU_ALIGN checks iova, then phys, then
+ * size, value = the first misaligned one; IOMMU_MAPPED (-EEXIST): value = the IOVA of the first
+ * page found mapped; IOMMU_PHYS_RANGE: value = phys. */
 int iommu_map(struct iommu_domain *dom, uint64_t iova, uint64_t phys, uint64_t size_bytes,
               uint32_t prot);
 
 /* The kernel's iommu_map_sg: maps runs back to back from iova on (run k starts where run k-1
  * ended), all of them or nothing, with one walk per leaf table for the whole list.  Every run's
- * phys and len_bytes must be granule multiples (-EINVAL, index = the run); zero-length runs are
- * skipped.  Errors as iommu_map; for -EEXIST, index = the page number within the whole range. */
+ * phys and len_bytes must be granule multiples (-EINVAL IOMMU_ALIGN, element = the run, value =
+ * its phys if misaligned, else its length); zero-length runs are skipped.  Errors as iommu_map;
+ * IOMMU_PHYS_RANGE and IOMMU_APERTURE name the run too (for the aperture: the first run that
+ * reaches past its end). */
 int iommu_map_runs(struct iommu_domain *dom, uint64_t iova, const struct iommu_run *runs,
                    uint64_t n_runs, uint32_t prot);
 
 /* Unmaps pages from iova on, stopping at the first page that is not mapped (as the kernel's
  * iommu_unmap does): returns the bytes unmapped, which is less than size_bytes when it stopped
  * early.  -EINVAL, with nothing unmapped, for misalignment, a range outside the aperture or a
- * size above INT64_MAX. */
+ * size above INT64_MAX (IOMMU_APERTURE). */
 int64_t iommu_unmap(struct iommu_domain *dom, uint64_t iova, uint64_t size_bytes);
 
 /* A device access to one byte: *phys_out gets its physical address.  access is IOMMU_READ or
- * IOMMU_WRITE (-EINVAL otherwise, not a fault).  A fault is logged and gives -EFAULT. */
+ * IOMMU_WRITE (-EINVAL IOMMU_ACCESS otherwise, value = the code; not a fault).  A fault is
+ * logged and gives -EFAULT. */
 int iommu_translate(struct iommu_domain *dom, uint64_t iova, uint32_t access,
                     uint64_t *phys_out);
 
 /* A device access to [iova, iova + len_bytes): fills runs_out with physically contiguous runs
  * (neighbouring pages merge) in IOVA order.  Stops at the first fault (logged, -EFAULT) or when
- * the range needs more than capacity runs (-ENOSPC, not a fault: nothing is logged).  On every
+ * the range needs more than capacity runs (-ENOSPC IOMMU_RUNS_CAPACITY, value = the IOVA where
+ * it stopped, limit = capacity; not a fault: nothing is logged).  The runs written before an
+ * -ENOSPC are complete (the next page does not continue the last one), so a caller can hand
+ * them on and call again from the IOVA where it stopped.  On every
  * return *n_runs_out and *done_bytes_out say how much was translated before the stop, so a
  * device model can complete the part of a transfer that preceded a fault.  A range that wraps
- * past 2^64 is -EINVAL.  ((iova % granule) + len_bytes) / granule + 1 runs always suffice. */
+ * past 2^64 is -EINVAL IOMMU_APERTURE.  ((iova % granule) + len_bytes) / granule + 1 runs always
+ * suffice. */
 int iommu_translate_range(struct iommu_domain *dom, uint64_t iova, uint64_t len_bytes,
                           uint32_t access, struct iommu_run *runs_out, uint64_t capacity,
                           uint64_t *n_runs_out, uint64_t *done_bytes_out);

@@ -523,7 +523,7 @@ int iova_domain_create(uint32_t granule_bytes, uint64_t start_pfn, uint32_t depo
     if (granule_bytes < 4096 || granule_bytes > 65536 || (granule_bytes & (granule_bytes - 1)))
         return sl_fail(EINVAL, SL_REASON_GRANULE, 0, granule_bytes);
     if (start_pfn == 0)
-        return sl_fail(EINVAL, SL_REASON_IOVA_START_PFN, 0, 0);
+        return sl_fail(EINVAL, SL_REASON_IOVA_START_PFN, 0, start_pfn);
     struct iova_domain *dom = calloc(1, sizeof(*dom));
     if (!dom)
         return sl_fail(ENOMEM, SL_REASON_NO_MEMORY, 0, 0);
@@ -532,13 +532,13 @@ int iova_domain_create(uint32_t granule_bytes, uint64_t start_pfn, uint32_t depo
     dom->max_pfn = UINT64_MAX >> dom->granule_shift;
     dom->start_pfn = start_pfn;
     dom->depot_max = depot_max_magazines;
+    /* The magazines are one resource: calloc left every pointer NULL, and the exit path frees
+     * whichever were allocated. */
     for (unsigned order = 0; order < IOVA_RANGE_CACHE_MAX_ORDER; order++) {
         dom->rcache[order].loaded = calloc(1, sizeof(struct iova_magazine));
         dom->rcache[order].prev = calloc(1, sizeof(struct iova_magazine));
-        if (!dom->rcache[order].loaded || !dom->rcache[order].prev) {
-            iova_domain_destroy(dom);
-            return sl_fail(ENOMEM, SL_REASON_NO_MEMORY, 0, 0);
-        }
+        if (!dom->rcache[order].loaded || !dom->rcache[order].prev)
+            goto err_free_magazines;
     }
     dom->anchor.pfn_lo = dom->anchor.pfn_hi = ANCHOR_PFN;
     dom->anchor.state = NODE_ANCHOR;
@@ -548,6 +548,14 @@ int iova_domain_create(uint32_t granule_bytes, uint64_t start_pfn, uint32_t depo
     dom->root = &dom->anchor;
     *out = dom;
     return 0;
+
+err_free_magazines:
+    for (unsigned order = 0; order < IOVA_RANGE_CACHE_MAX_ORDER; order++) {
+        free(dom->rcache[order].loaded);
+        free(dom->rcache[order].prev);
+    }
+    free(dom);
+    return sl_fail(ENOMEM, SL_REASON_NO_MEMORY, 0, 0);
 }
 
 void iova_domain_destroy(struct iova_domain *dom)
@@ -620,7 +628,7 @@ static int alloc_common(struct iova_domain *dom, uint64_t size_granules, uint64_
     }
     if (!found) {
         node_free(dom, fresh);
-        return sl_fail(ENOMEM, SL_REASON_IOVA_EXHAUSTED, 0, size);
+        return sl_fail_limit(ENOMEM, SL_REASON_IOVA_EXHAUSTED, 0, size, limit_pfn);
     }
     dom->n_live++;
     dom->live_granules += size;
@@ -643,17 +651,17 @@ int iova_alloc_noflush(struct iova_domain *dom, uint64_t size_granules, uint64_t
 int iova_free(struct iova_domain *dom, uint64_t pfn, uint64_t size_granules)
 {
     if (size_granules == 0)
-        return sl_fail(EINVAL, SL_REASON_IOVA_SIZE, 0, pfn);
+        return sl_fail(EINVAL, SL_REASON_IOVA_SIZE, 0, 0);
     struct iova_node *n = find_containing(dom, pfn);
     if (!n)
         return sl_fail(ENOENT, SL_REASON_IOVA_NOT_FOUND, 0, pfn);
     if (n->state != IOVA_RANGE_LIVE)
-        return sl_fail(EINVAL, SL_REASON_IOVA_NOT_LIVE, n->state, pfn);
+        return sl_fail(EINVAL, SL_REASON_IOVA_NOT_LIVE, 0, pfn);
     if (n->pfn_lo != pfn)
-        return sl_fail(EINVAL, SL_REASON_IOVA_NOT_START, n->pfn_lo, pfn);
+        return sl_fail(EINVAL, SL_REASON_IOVA_NOT_START, 0, pfn);
     uint64_t size = node_size(n);
     if (fast_size(size_granules) != size)
-        return sl_fail(EINVAL, SL_REASON_IOVA_SIZE_MISMATCH, size, size_granules);
+        return sl_fail_limit(EINVAL, SL_REASON_IOVA_SIZE_MISMATCH, 0, size_granules, size);
     dom->n_live--;
     dom->live_granules -= size;
     /* free_iova_fast takes the order from the caller's unrounded size; fast_size rounded it
@@ -668,12 +676,12 @@ int iova_free(struct iova_domain *dom, uint64_t pfn, uint64_t size_granules)
 int iova_reserve(struct iova_domain *dom, uint64_t lo_pfn, uint64_t hi_pfn)
 {
     if (lo_pfn > hi_pfn || hi_pfn == ANCHOR_PFN)
-        return sl_fail(EINVAL, SL_REASON_IOVA_RANGE, lo_pfn, hi_pfn);
+        return sl_fail_limit(EINVAL, SL_REASON_IOVA_RANGE, 0, lo_pfn, hi_pfn);
     int overlaps_cached = 0;
     for (struct iova_node *n = first_ending_at_or_after(dom, lo_pfn);
          n->state != NODE_ANCHOR && n->pfn_lo <= hi_pfn; n = next_node(n)) {
         if (n->state == IOVA_RANGE_LIVE)
-            return sl_fail(EBUSY, SL_REASON_IOVA_BUSY, n->pfn_lo, n->pfn_hi);
+            return sl_fail_limit(EBUSY, SL_REASON_IOVA_BUSY, 0, n->pfn_lo, n->pfn_hi);
         if (n->state == IOVA_RANGE_CACHED)
             overlaps_cached = 1;
     }
@@ -744,7 +752,15 @@ struct check_state {
     const struct iova_node *pred;
     uint64_t n_nodes, n_live, live_granules, n_cached, n_reserved;
     int bad;
+    uint64_t bad_pfn; /* pfn_lo of the first node found broken */
 };
+
+static void mark_bad(struct check_state *st, const struct iova_node *n)
+{
+    if (!st->bad)
+        st->bad_pfn = n->pfn_lo;
+    st->bad = 1;
+}
 
 static int32_t check_subtree(struct check_state *st, const struct iova_node *n,
                              const struct iova_node *parent)
@@ -752,15 +768,15 @@ static int32_t check_subtree(struct check_state *st, const struct iova_node *n,
     if (!n)
         return 0;
     if (n->parent != parent)
-        st->bad = 1;
+        mark_bad(st, n);
     int32_t hl = check_subtree(st, n->left, n);
     /* In-order position: n follows st->pred. */
     if (n->pfn_lo > n->pfn_hi)
-        st->bad = 1;
+        mark_bad(st, n);
     if (st->pred && st->pred->pfn_hi >= n->pfn_lo)
-        st->bad = 1;
+        mark_bad(st, n);
     if (n->gap != gap_below(st->dom, n, st->pred))
-        st->bad = 1;
+        mark_bad(st, n);
     st->pred = n;
     st->n_nodes++;
     switch (n->state) {
@@ -776,14 +792,14 @@ static int32_t check_subtree(struct check_state *st, const struct iova_node *n,
         break;
     default:
         if (n != &st->dom->anchor)
-            st->bad = 1;
+            mark_bad(st, n);
     }
     int32_t hr = check_subtree(st, n->right, n);
     int32_t h = 1 + (hl > hr ? hl : hr);
     if (n->height != h || hl - hr > 1 || hr - hl > 1)
-        st->bad = 1;
+        mark_bad(st, n);
     if (n->max_gap != max3(n->gap, max_gap(n->left), max_gap(n->right)))
-        st->bad = 1;
+        mark_bad(st, n);
     return h;
 }
 
@@ -791,17 +807,20 @@ int iova_check(const struct iova_domain *dom)
 {
     struct check_state st = {.dom = dom};
     check_subtree(&st, dom->root, NULL);
-    if (st.bad || st.pred != &dom->anchor)
-        return sl_fail(EIO, SL_REASON_NONE, 0, 0);
+    if (st.bad)
+        return sl_fail(EIO, SL_REASON_IOVA_INCONSISTENT, 0, st.bad_pfn);
+    if (st.pred != &dom->anchor)
+        return sl_fail(EIO, SL_REASON_IOVA_INCONSISTENT, 0, st.pred ? st.pred->pfn_lo : 0);
+    /* A counter that disagrees with the tree: no pfn or order to name. */
     if (st.n_live != dom->n_live || st.live_granules != dom->live_granules ||
         st.n_cached != dom->n_cached || st.n_reserved != dom->n_reserved)
-        return sl_fail(EIO, SL_REASON_NONE, 1, 0);
+        return sl_fail(EIO, SL_REASON_IOVA_INCONSISTENT, 0, 0);
     /* Adjacent or overlapping reserved ranges would have been merged. */
     const struct iova_node *prev = NULL;
     for (const struct iova_node *n = first_ending_at_or_after(dom, 0); n; n = next_node(n)) {
         if (prev && prev->state == IOVA_RANGE_RESERVED && n->state == IOVA_RANGE_RESERVED &&
             prev->pfn_hi + 1 == n->pfn_lo)
-            return sl_fail(EIO, SL_REASON_NONE, 2, n->pfn_lo);
+            return sl_fail(EIO, SL_REASON_IOVA_INCONSISTENT, 0, n->pfn_lo);
         prev = n;
     }
     uint64_t in_magazines = 0;
@@ -814,26 +833,26 @@ int iova_check(const struct iova_domain *dom)
                 const struct iova_node *n = mags[k]->node[i];
                 if (n->state != IOVA_RANGE_CACHED || node_size(n) != (UINT64_C(1) << order) ||
                     find_containing(dom, n->pfn_lo) != n)
-                    return sl_fail(EIO, SL_REASON_NONE, 3, n->pfn_lo);
+                    return sl_fail(EIO, SL_REASON_IOVA_INCONSISTENT, 0, n->pfn_lo);
             }
             in_magazines += mags[k]->size;
         }
         for (const struct iova_magazine *mag = rc->depot; mag; mag = mag->next) {
             if (mag->size != IOVA_MAG_SIZE)
-                return sl_fail(EIO, SL_REASON_NONE, 4, order);
+                return sl_fail(EIO, SL_REASON_IOVA_INCONSISTENT, 0, order);
             for (uint32_t i = 0; i < mag->size; i++) {
                 const struct iova_node *n = mag->node[i];
                 if (n->state != IOVA_RANGE_CACHED || node_size(n) != (UINT64_C(1) << order) ||
                     find_containing(dom, n->pfn_lo) != n)
-                    return sl_fail(EIO, SL_REASON_NONE, 3, n->pfn_lo);
+                    return sl_fail(EIO, SL_REASON_IOVA_INCONSISTENT, 0, n->pfn_lo);
             }
             in_magazines += mag->size;
             depot_len++;
         }
         if (depot_len != rc->depot_len || depot_len > dom->depot_max)
-            return sl_fail(EIO, SL_REASON_NONE, 4, order);
+            return sl_fail(EIO, SL_REASON_IOVA_INCONSISTENT, 0, order);
     }
     if (in_magazines != dom->n_cached)
-        return sl_fail(EIO, SL_REASON_NONE, 5, in_magazines);
+        return sl_fail(EIO, SL_REASON_IOVA_INCONSISTENT, 0, 0);
     return 0;
 }

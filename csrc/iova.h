@@ -1,5 +1,5 @@
-/* IOVA allocator: hands out size-aligned ranges of I/O virtual page numbers (see
- * shared/spec/kernel-semantics.md, section 8, "The IOVA allocator").
+/* IOVA allocator: hands out size-aligned ranges of I/O virtual page numbers, as the kernel's
+ * alloc_iova_fast / free_iova_fast / reserve_iova (drivers/iommu/iova.c) do.
  *
  * Units: every pfn and size here counts granules (the IOMMU's smallest page, 4 KiB..64 KiB), not
  * bytes; IOVA address = pfn << granule shift.  Limits are inclusive, as in the kernel's
@@ -29,8 +29,15 @@
  * space and tries once more; if that also fails the caches are put back exactly as they were.
  * The kernel's max32_alloc_size shortcut (failing 32-bit requests early) is not modelled.
  *
+ * Ownership: iova_domain_create hands the caller a domain that only iova_domain_destroy frees,
+ * with every range and cache in it.  Output arrays stay the caller's.
+ *
+ * Errors: 0 or a negative errno with sl_last_error() set (sl_common.h; the fields each reason
+ * fills are listed there); a failing call changes nothing.
+ *
  * Not thread-safe: a domain must be used by one thread at a time.  No public function calls
- * another, so one mutex around each public call is enough to share a domain. */
+ * another and none takes a lock, so one mutex around each public call is enough to share a
+ * domain (struct sl_iommu in dma.h does exactly that with its IOMMU lock). */
 #ifndef SL_IOVA_H
 #define SL_IOVA_H
 
@@ -64,9 +71,10 @@ struct iova_range {
 
 struct iova_domain;
 
-/* granule_bytes: a power of two in [4 KiB, 64 KiB].  start_pfn >= 1: no range starts below it,
- * so IOVA 0 is never handed out.  depot_max_magazines: full magazines each order's depot keeps
- * (the kernel trims to the number of online CPUs; 1 models one CPU). */
+/* granule_bytes: a power of two in [4 KiB, 64 KiB] (-EINVAL GRANULE).  start_pfn >= 1 (-EINVAL
+ * IOVA_START_PFN): no range starts below it, so IOVA 0 is never handed out.
+ * depot_max_magazines: full magazines each order's depot keeps (the kernel trims to the number
+ * of online CPUs; 1 models one CPU).  -ENOMEM NO_MEMORY; *out is NULL on failure. */
 int iova_domain_create(uint32_t granule_bytes, uint64_t start_pfn, uint32_t depot_max_magazines,
                        struct iova_domain **out);
 /* Frees the domain and every range in it, live or not.  NULL is accepted. */
@@ -78,9 +86,10 @@ uint64_t iova_start_pfn(const struct iova_domain *dom);
 uint64_t iova_max_pfn(const struct iova_domain *dom);
 
 /* alloc_iova_fast with flush_rcache = true: *pfn_out gets the first pfn of a new live range of
- * size_granules (rounded up to a power of two when below 32).  -EINVAL for size 0, -ENOMEM
- * (reason SL_REASON_IOVA_EXHAUSTED) when no range fits under limit_pfn; a failure changes
- * nothing, the range cache included. */
+ * size_granules (rounded up to a power of two when below 32).  -EINVAL IOVA_SIZE for size 0,
+ * -ENOMEM IOVA_EXHAUSTED when no range fits under limit_pfn (value = the rounded size, limit =
+ * limit_pfn clamped to iova_max_pfn), -ENOMEM NO_MEMORY; a failure changes nothing, the range
+ * cache included. */
 int iova_alloc(struct iova_domain *dom, uint64_t size_granules, uint64_t limit_pfn,
                uint64_t *pfn_out);
 /* The same with flush_rcache = false: on failure the cached ranges are not tried (the kernel's
@@ -91,17 +100,20 @@ int iova_alloc_noflush(struct iova_domain *dom, uint64_t size_granules, uint64_t
 /* free_iova_fast: pfn must be the first pfn of a live range and size_granules the size passed
  * to iova_alloc (or any size that rounds to the same allocation).  Ranges of order < 6 go into
  * the range cache, larger ones back to free space.  Where the kernel would trust the caller and
- * corrupt its cache, this refuses: -ENOENT if no range holds pfn, -EINVAL if pfn is not the
- * start of a live range or the size does not match.  A failure changes nothing. */
+ * corrupt its cache, this refuses: -ENOENT IOVA_NOT_FOUND if no range holds pfn, -EINVAL
+ * IOVA_NOT_LIVE (a reserved or cached range), IOVA_NOT_START (pfn inside its range) or
+ * IOVA_SIZE_MISMATCH (value = size passed, limit = the allocation's size), IOVA_SIZE for size
+ * 0.  A failure changes nothing. */
 int iova_free(struct iova_domain *dom, uint64_t pfn, uint64_t size_granules);
 
 /* reserve_iova: marks [lo_pfn, hi_pfn] (inclusive) reserved, merged with every reserved range
  * it overlaps or touches.  Cached ranges inside are released from the cache first (all caches
- * are emptied).  -EINVAL if lo_pfn > hi_pfn or hi_pfn == UINT64_MAX; -EBUSY if a live range
- * overlaps, with nothing changed. */
+ * are emptied).  -EINVAL IOVA_RANGE if lo_pfn > hi_pfn or hi_pfn == UINT64_MAX (value = lo_pfn,
+ * limit = hi_pfn); -EBUSY IOVA_BUSY if a live range overlaps (value/limit = its pfn_lo/pfn_hi);
+ * -ENOMEM NO_MEMORY.  A failure changes nothing. */
 int iova_reserve(struct iova_domain *dom, uint64_t lo_pfn, uint64_t hi_pfn);
 
-/* find_iova: the range (live, reserved or cached) holding pfn, or -ENOENT. */
+/* find_iova: the range (live, reserved or cached) holding pfn, or -ENOENT IOVA_NOT_FOUND. */
 int iova_find(const struct iova_domain *dom, uint64_t pfn, struct iova_range *out);
 
 /* Returns every cached range to free space (free_cpu_cached_iovas + free_global_cached_iovas). */
@@ -119,7 +131,8 @@ uint64_t iova_ranges(const struct iova_domain *dom, uint64_t from_pfn, uint32_t 
                      struct iova_range *out, uint64_t capacity);
 
 /* Checks every internal invariant (tree order and balance, gap bookkeeping, counters, cache
- * contents).  Returns 0, or -EIO when something is inconsistent: for tests. */
+ * contents).  Returns 0, or -EIO IOVA_INCONSISTENT when something is inconsistent (value = the
+ * first pfn_lo or cache order found broken, 0 for a counter): for tests. */
 int iova_check(const struct iova_domain *dom);
 
 #endif

@@ -5,6 +5,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "sl_fork.h"
+
 /* Bookkeeping for SL_GROUP_PAGES consecutive pfns, created on first use. */
 struct page_group {
     uint8_t *frame[SL_GROUP_PAGES];        /* backing bytes, NULL until written */
@@ -13,10 +15,13 @@ struct page_group {
 };
 
 struct physmem {
+    struct sl_fork_node fork_node; /* registry link: the lock is taken around fork() */
+    /* Fixed at creation, read without the lock. */
     uint32_t page_size;
     unsigned page_shift;
     uint64_t n_pages;
     uint64_t n_groups;
+    /* Everything below: under the lock. */
     uint64_t n_free;
     uint64_t n_resident;
     struct page_group **groups; /* n_groups pointers, NULL for untouched groups */
@@ -41,6 +46,7 @@ int physmem_create(uint64_t size_bytes, uint32_t page_size, struct physmem **out
     struct physmem *mem = calloc(1, sizeof(*mem));
     if (!mem)
         return sl_fail(ENOMEM, SL_REASON_NO_MEMORY, 0, 0);
+    int err;
     mem->page_size = page_size;
     mem->page_shift = (unsigned)__builtin_ctz(page_size);
     mem->n_pages = size_bytes >> mem->page_shift;
@@ -48,19 +54,34 @@ int physmem_create(uint64_t size_bytes, uint32_t page_size, struct physmem **out
     mem->n_free = mem->n_pages;
     /* calloc of a large array is backed lazily by the OS: untouched groups cost no RAM. */
     mem->groups = calloc(mem->n_groups, sizeof(*mem->groups));
-    if (!mem->groups || pthread_mutex_init(&mem->lock, NULL) != 0) {
-        free(mem->groups);
-        free(mem);
-        return sl_fail(ENOMEM, SL_REASON_NO_MEMORY, 0, 0);
+    if (!mem->groups) {
+        err = sl_fail(ENOMEM, SL_REASON_NO_MEMORY, 0, 0);
+        goto err_free_mem;
     }
+    if (pthread_mutex_init(&mem->lock, NULL) != 0) {
+        err = sl_fail(ENOMEM, SL_REASON_NO_MEMORY, 0, 0);
+        goto err_free_groups;
+    }
+    err = sl_fork_register(&mem->fork_node, SL_FORK_MEMORY, &mem->lock);
+    if (err)
+        goto err_destroy_lock;
     *out = mem;
     return 0;
+
+err_destroy_lock:
+    pthread_mutex_destroy(&mem->lock);
+err_free_groups:
+    free(mem->groups);
+err_free_mem:
+    free(mem);
+    return err;
 }
 
 void physmem_destroy(struct physmem *mem)
 {
     if (!mem)
         return;
+    sl_fork_unregister(&mem->fork_node);
     for (uint64_t g = 0; g < mem->n_groups; g++) {
         struct page_group *group = mem->groups[g];
         if (!group)
@@ -76,8 +97,26 @@ void physmem_destroy(struct physmem *mem)
 
 uint32_t physmem_page_size(const struct physmem *mem) { return mem->page_size; }
 uint64_t physmem_n_pages(const struct physmem *mem) { return mem->n_pages; }
-uint64_t physmem_free_pages(const struct physmem *mem) { return mem->n_free; }
-uint64_t physmem_resident_pages(const struct physmem *mem) { return mem->n_resident; }
+
+/* The counters change under the lock on other threads, so they are read under it too.  The
+ * lock is not part of the memory's logical state, hence the cast on a const memory. */
+uint64_t physmem_free_pages(const struct physmem *mem)
+{
+    pthread_mutex_t *lock = &((struct physmem *)(uintptr_t)mem)->lock;
+    pthread_mutex_lock(lock);
+    uint64_t n = mem->n_free;
+    pthread_mutex_unlock(lock);
+    return n;
+}
+
+uint64_t physmem_resident_pages(const struct physmem *mem)
+{
+    pthread_mutex_t *lock = &((struct physmem *)(uintptr_t)mem)->lock;
+    pthread_mutex_lock(lock);
+    uint64_t n = mem->n_resident;
+    pthread_mutex_unlock(lock);
+    return n;
+}
 
 static struct page_group *group_get(struct physmem *mem, uint64_t pfn, int create)
 {
@@ -171,8 +210,7 @@ static uint64_t choose_pages(const struct physmem *mem, uint64_t n_pages, int la
 }
 
 static int physmem_alloc_pages_locked(struct physmem *mem, uint64_t n_pages, int layout,
-                                      uint64_t seed,
-                        uint64_t *pfns_out)
+                                      uint64_t seed, uint64_t *pfns_out)
 {
     if (layout != SL_LAYOUT_CONTIGUOUS && layout != SL_LAYOUT_SCATTERED &&
         layout != SL_LAYOUT_RANDOM)

@@ -5,6 +5,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "sl_fork.h"
+
 /* ---- entry helpers (the kernel's inline functions, on our layout) ---- */
 
 static inline int sg_is_chain(const struct scatterlist *sg) { return (sg->page_link & SG_CHAIN) != 0; }
@@ -88,13 +90,16 @@ static int chunks_get(const struct sl_table *table, const uint32_t *plan, uint64
         if (chunks[i].entries)
             continue;
         chunks[i].entries = malloc((size_t)plan[i] * sizeof(struct scatterlist));
-        if (!chunks[i].entries) {
-            for (uint64_t k = 0; k < n; k++)
-                free(chunks[k].entries); /* straight to the allocator: this is the rare path */
-            return sl_fail(ENOMEM, SL_REASON_NO_MEMORY, 0, 0);
-        }
+        if (!chunks[i].entries)
+            goto err_free_chunks;
     }
     return 0;
+
+err_free_chunks:
+    /* Straight to the allocator, cached ones included: this is the rare path. */
+    for (uint64_t k = 0; k < n; k++)
+        free(chunks[k].entries);
+    return sl_fail(ENOMEM, SL_REASON_NO_MEMORY, 0, 0);
 }
 
 static void chunks_put(const struct sl_table *table, struct sg_chunk *chunks, uint64_t n)
@@ -123,6 +128,9 @@ uint64_t sl_chunk_cache_bytes(void)
     pthread_mutex_unlock(&chunk_cache.lock);
     return bytes;
 }
+
+void sl_chunk_cache_fork_lock(void) { pthread_mutex_lock(&chunk_cache.lock); }
+void sl_chunk_cache_fork_unlock(void) { pthread_mutex_unlock(&chunk_cache.lock); }
 
 void sl_chunk_cache_drain(void)
 {
@@ -260,19 +268,27 @@ static int reserve_chunks(struct sl_table *table, uint64_t n_entries, uint64_t l
         cursor_advance(&cursor, alloc_size);
         placed++;
     }
+    int err;
     if (table->n_chunks + n_allocs > table->chunks_capacity) {
         uint64_t capacity = table->chunks_capacity ? table->chunks_capacity : 4;
         while (capacity < table->n_chunks + n_allocs)
             capacity *= 2;
         struct sg_chunk *grown = realloc(table->chunks, capacity * sizeof(*grown));
         if (!grown) {
-            free(plan);
-            return sl_fail(ENOMEM, SL_REASON_NO_MEMORY, 0, 0);
+            err = sl_fail(ENOMEM, SL_REASON_NO_MEMORY, 0, 0);
+            goto err_free_plan;
         }
+        /* The grown array is the table's from here on, used or not: nothing to undo. */
         table->chunks = grown;
         table->chunks_capacity = capacity;
     }
-    int err = chunks_get(table, plan, n_allocs, table->chunks + table->n_chunks);
+    err = chunks_get(table, plan, n_allocs, table->chunks + table->n_chunks);
+    if (err)
+        goto err_free_plan;
+    free(plan);
+    return 0;
+
+err_free_plan:
     free(plan);
     return err;
 }
@@ -482,7 +498,7 @@ int64_t sg_nents_for_len(const struct sl_table *table, uint64_t len_bytes)
         if (total >= len_bytes)
             return count;
     }
-    return sl_fail(EINVAL, SL_REASON_NENTS_FOR_LEN, (uint64_t)count, total);
+    return sl_fail_limit(EINVAL, SL_REASON_NENTS_FOR_LEN, 0, len_bytes, total);
 }
 
 int sl_table_export_cpu(const struct sl_table *table, uint64_t n_entries, uint64_t *rows_out)
@@ -490,7 +506,7 @@ int sl_table_export_cpu(const struct sl_table *table, uint64_t n_entries, uint64
     struct scatterlist *sg = table->sgt.sgl;
     for (uint64_t i = 0; i < n_entries; i++, sg = sg_next(sg)) {
         if (!sg)
-            return sl_fail(EINVAL, SL_REASON_NENTS_FOR_LEN, i, n_entries);
+            return sl_fail_limit(EINVAL, SL_REASON_NENTS_RANGE, 0, n_entries, i);
         rows_out[3 * i] = sg_pfn(sg);
         rows_out[3 * i + 1] = sg->offset;
         rows_out[3 * i + 2] = sg->length;
@@ -503,7 +519,7 @@ int sl_table_export_dma(const struct sl_table *table, uint64_t n_entries, uint64
     struct scatterlist *sg = table->sgt.sgl;
     for (uint64_t i = 0; i < n_entries; i++, sg = sg_next(sg)) {
         if (!sg)
-            return sl_fail(EINVAL, SL_REASON_NENTS_FOR_LEN, i, n_entries);
+            return sl_fail_limit(EINVAL, SL_REASON_NENTS_RANGE, 0, n_entries, i);
         rows_out[2 * i] = sg->dma_address;
         rows_out[2 * i + 1] = sg->dma_length;
     }
@@ -555,7 +571,8 @@ int sg_copy_buffer(const struct sl_table *table, struct physmem *mem, void *buf,
 {
     *copied_out = 0;
     if (physmem_page_size(mem) != table->page_size)
-        return sl_fail(EINVAL, SL_REASON_PAGE_SIZE_MISMATCH, 0, physmem_page_size(mem));
+        return sl_fail_limit(EINVAL, SL_REASON_PAGE_SIZE_MISMATCH, 0, physmem_page_size(mem),
+                             table->page_size);
     /* Check every entry against the memory before moving a byte. */
     struct scatterlist *sg = table->sgt.sgl;
     for (uint32_t i = 0; i < table->sgt.orig_nents && sg; i++, sg = sg_next(sg)) {

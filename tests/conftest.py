@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -34,25 +35,24 @@ def table_from(engine: str):  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture
-def memory(engine: str):  # type: ignore[no-untyped-def]
+def memory(engine: str) -> sg.PhysicalMemory:
     """A 1 GiB sparse memory with 4 KiB pages on the engine under test."""
-    mem = sg.PhysicalMemory(1 << 30, engine=engine)
-    yield mem
-    for pages in list(mem._open_pages):
-        pages.close()
-    mem.close()
+    return sg.PhysicalMemory(1 << 30, engine=engine)
+
+
+class System(NamedTuple):
+    mem: sg.PhysicalMemory
+    iommu: sg.Iommu
+    dev: sg.Device      #: "nic", behind the IOMMU
+    direct: sg.Device   #: "direct", without one
 
 
 @pytest.fixture
-def system(engine: str):  # type: ignore[no-untyped-def]
+def system(engine: str) -> System:
     """Memory of 64 MiB, an IOMMU with 4 KiB granules, a device "nic" behind it and a device
-    "direct" without one (modules may define their own ``system``)."""
+    "direct" without one.  The one shared world of the DMA tests: a module that needs other
+    settings changes them on these objects (see test_debug's ``debugged``)."""
     mem = sg.PhysicalMemory(64 << 20, engine=engine)
     iommu = sg.Iommu(mem)
-    dev = sg.Device(mem, iommu=iommu, name="nic")
-    direct = sg.Device(mem, name="direct")
-    return mem, iommu, dev, direct
-
-
-def cpu_rows(table: sg.RawTable) -> list[tuple[int, int, int]]:
-    return [(e.pfn, e.offset, e.length) for e in table]
+    return System(mem, iommu, sg.Device(mem, iommu=iommu, name="nic"),
+                  sg.Device(mem, name="direct"))

@@ -14,20 +14,20 @@ PAGE = 4096
 
 
 @pytest.fixture
-def system(engine):
-    mem = sg.PhysicalMemory(64 << 20, engine=engine)
-    iommu = sg.Iommu(mem)
-    dev = sg.Device(mem, iommu=iommu, name="nic", debug="raise")
-    other = sg.Device(mem, iommu=iommu, name="disk", debug="raise")
-    return mem, iommu, dev, other
+def debugged(system):
+    """The shared system with dma-debug raising on "nic", and a second device "disk" on the
+    same IOMMU (raising too) in place of the direct one."""
+    system.dev.debug = "raise"
+    return system._replace(direct=sg.Device(system.mem, iommu=system.iommu, name="disk",
+                                            debug="raise"))
 
 
 def scattered(mem, n):
     return sg.alloc_table_from_pages(list(range(10, 10 + 2 * n, 2)), engine=mem.engine)
 
 
-def test_the_classic_nents_bug_is_caught(system):
-    mem, iommu, dev, _ = system
+def test_the_classic_nents_bug_is_caught(debugged):
+    mem, iommu, dev, _ = debugged
     t = scattered(mem, 4)
     count = sg.dma_map_sg(dev, t, t.orig_nents, Dir.TO_DEVICE)
     assert count == 1 < t.orig_nents  # the IOMMU merged the four pages
@@ -44,8 +44,8 @@ def test_the_classic_nents_bug_is_caught(system):
     assert not t.mapped and debug.dump(dev) == []
 
 
-def test_warn_mode_reports_and_goes_on(system):
-    mem, iommu, dev, _ = system
+def test_warn_mode_reports_and_goes_on(debugged):
+    mem, iommu, dev, _ = debugged
     dev.debug = "warn"
     t = scattered(mem, 3)
     sg.dma_map_sg(dev, t, 3, Dir.FROM_DEVICE)
@@ -57,8 +57,8 @@ def test_warn_mode_reports_and_goes_on(system):
     assert dev.debug_error_count == before + 1
 
 
-def test_unmap_of_memory_never_mapped_or_mapped_by_another_device(system):
-    mem, _, dev, other = system
+def test_unmap_of_memory_never_mapped_or_mapped_by_another_device(debugged):
+    mem, _, dev, other = debugged
     t = scattered(mem, 2)
     sg.dma_map_sgtable(other, t, Dir.TO_DEVICE)
     with pytest.raises(sg.DmaApiError, match="free DMA memory it has not allocated.*"
@@ -70,8 +70,8 @@ def test_unmap_of_memory_never_mapped_or_mapped_by_another_device(system):
         sg.dma_unmap_sgtable(other, t, Dir.TO_DEVICE)
 
 
-def test_sync_checks(system):
-    mem, _, dev, _ = system
+def test_sync_checks(debugged):
+    mem, _, dev, _ = debugged
     t = scattered(mem, 2)
     sg.dma_map_sgtable(dev, t, Dir.TO_DEVICE)
     seg = t.dma_entries()[0]
@@ -88,8 +88,8 @@ def test_sync_checks(system):
     assert info.value.rule == "sync-not-mapped"
 
 
-def test_map_time_segment_checks_undo_the_map(system):
-    mem, iommu, dev, _ = system
+def test_map_time_segment_checks_undo_the_map(debugged):
+    mem, iommu, dev, _ = debugged
     # A 128 KiB CPU entry: longer than the 64 KiB the device claims to support.
     t = sg.alloc_table_from_entries([(0, 0, 32 * PAGE), (64, 0, PAGE)], engine=mem.engine)
     with pytest.raises(sg.DmaApiError, match=r"longer than device claims to support "
@@ -100,6 +100,7 @@ def test_map_time_segment_checks_undo_the_map(system):
     with pytest.warns(sg.DmaApiWarning, match="longer than device"):
         sg.dma_map_sgtable(dev, t, Dir.TO_DEVICE)
     assert t.mapped
+    sg.dma_unmap_sgtable(dev, t, Dir.TO_DEVICE)
 
 
 def test_boundary_crossing_is_reported(engine):
@@ -126,10 +127,11 @@ def test_overlapping_writable_mappings(engine):
     sg.dma_unmap_sgtable(b, t2, Dir.TO_DEVICE)
     sg.dma_unmap_sgtable(a, t1, Dir.FROM_DEVICE)
     sg.dma_map_sgtable(b, t2, Dir.FROM_DEVICE)  # free again
+    sg.dma_unmap_sgtable(b, t2, Dir.FROM_DEVICE)
 
 
-def test_pending_mappings_at_unbind(system):
-    mem, _, dev, _ = system
+def test_pending_mappings_at_unbind(debugged):
+    mem, _, dev, _ = debugged
     leaked = scattered(mem, 2)
     sg.dma_map_sgtable(dev, leaked, Dir.TO_DEVICE)  # this line is in the report
     owned = sg.SGTable.new(dev, mem.alloc_pages(2), Dir.TO_DEVICE)  # released by Devres
@@ -141,6 +143,7 @@ def test_pending_mappings_at_unbind(system):
     assert owned.revoked and not dev.bound
     assert len(debug.dump(dev)) == 1
     owned.close()
+    sg.dma_unmap_sgtable(dev, leaked, Dir.TO_DEVICE)
 
 
 def test_off_mode_records_nothing(engine):

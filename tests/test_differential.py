@@ -37,7 +37,7 @@ def outcome(fn: Callable[[], Any]) -> Tuple[str, Any]:
 def snapshot(table: sg.RawTable) -> Tuple[Any, ...]:
     return (list(table.export_cpu()), list(table.export_dma()), table.nents, table.orig_nents,
             table.total_nents, table.final, table.chunk_slots(), table.sg_nents(),
-            list(table.pages()))
+            list(table.page_pfns()))
 
 
 def build_both(pfns: List[int], **kwargs: Any) -> Tuple[Optional[sg.RawTable], ...]:
@@ -99,7 +99,7 @@ def test_walk_helpers_match(pfns: List[int], lengths: List[int], starts: List[in
         assert outcome(lambda: native.nents_for_len(length)) == \
             outcome(lambda: model.nents_for_len(length))
     for start in starts:
-        assert list(native.pages(start)) == list(model.pages(start))
+        assert list(native.page_pfns(start)) == list(model.page_pfns(start))
 
 
 @given(ops=st.lists(st.tuples(st.sampled_from(["contiguous", "scattered", "random"]),

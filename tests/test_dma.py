@@ -158,10 +158,24 @@ def test_faulting_write_changes_nothing(system):
     t = sg.alloc_table_from_pages(pages.pfns, engine=mem.engine)
     sg.dma_map_sgtable(dev, t, Dir.FROM_DEVICE)
     first = t.dma_entries()[0]
-    # One segment of 8 KiB: writing 8 KiB + 1 runs past the mapping into unmapped IOVA.
-    assert first.dma_len == 2 * PAGE
+    # One segment of 8 KiB at the top of the 32-bit space: writing 8 KiB + 1 runs past the
+    # mapping, and past the device's 32-bit dma_mask: an address it cannot emit, so the
+    # access never reaches the IOMMU (nothing in its fault log).
+    first_address = first.dma_address
+    assert first.dma_len == 2 * PAGE and first_address + 2 * PAGE == 1 << 32
+    with pytest.raises(sg.IommuFault, match="above the device's dma_mask") as info:
+        dev.dma_write(first_address, b"\xff" * (2 * PAGE + 1))
+    assert info.value.fault_reason == "above the DMA mask" and iommu.faults() == []
+    # A 64-bit device gets the same block (below 4 GiB first) and faults in the IOMMU.
+    sg.dma_unmap_sgtable(dev, t, Dir.FROM_DEVICE)
+    wide = sg.Device(mem, iommu=iommu, dma_mask=sg.DMA_BIT_MASK(64))
+    t2 = sg.alloc_table_from_pages(mem.alloc_pages(2, "scattered").pfns, engine=mem.engine)
+    sg.dma_map_sgtable(wide, t2, Dir.FROM_DEVICE)
+    second = t2.dma_entries()[0]
+    assert second.dma_address == first_address
     with pytest.raises(sg.IommuFault, match="not mapped"):
-        dev.dma_write(first.dma_address, b"\xff" * (2 * PAGE + 1))
+        wide.dma_write(second.dma_address, b"\xff" * (2 * PAGE + 1))
+    assert [f.reason for f in iommu.faults()] == ["not mapped"]
     assert mem.resident_pages == 0  # not one byte landed
 
 
@@ -313,7 +327,7 @@ def test_bad_device_and_iommu_arguments(engine):
         sg.Device(mem, max_segment_size=0)
     with pytest.raises(TypeError):
         sg.Device("memory")  # type: ignore[arg-type]
-    with pytest.raises(sg.BusyError, match="still open"):
+    with pytest.raises(sg.BusyError, match="still in use"):
         mem.close()
     with pytest.raises(sg.InvalidArgument, match="neither 'read' nor 'write'"):
         iommu.translate(0, "execute")

@@ -73,7 +73,7 @@ def test_failed_owned_table_keeps_nothing(system):
     dev.fail_maps(nth=1)
     with pytest.raises(sg.OutOfMemory):
         sg.SGTable.new(dev, pages, Dir.BIDIRECTIONAL)
-    assert nothing_left(iommu, dev) and not pages.closed and dev._devres == []
+    assert nothing_left(iommu, dev) and not pages.closed and dev._state.live(devres=True) == []
     with sg.SGTable.new(dev, pages, Dir.BIDIRECTIONAL) as table:
         assert table.nents == 1
 

@@ -18,7 +18,7 @@ def test_close_is_idempotent_and_guards_every_method(table_from, memory):
     for call in (lambda: t.nents, lambda: t.orig_nents, lambda: t.total_nents,
                  lambda: t.final, lambda: len(t), lambda: list(t), t.entries, t.dma_entries,
                  t.export_cpu, t.export_dma, t.chunk_slots, t.sg_nents,
-                 lambda: t.nents_for_len(1), t.pages, lambda: t.append_pages([9]),
+                 lambda: t.nents_for_len(1), t.page_pfns, lambda: t.append_pages([9]),
                  lambda: t.copy_to_buffer(memory), lambda: t.copy_from_buffer(memory, b"x")):
         with pytest.raises(sg.ClosedError):
             call()
@@ -74,9 +74,22 @@ def test_unclosed_table_is_freed_by_gc(table_from):
 
 
 def test_entry_keeps_table_object_alive_but_not_open(table_from):
-    entry = table_from([0, 2]).entries()[1]
+    """An entry holds its table object (so it can check it) but not its entries: closing the
+    table through another reference frees them, and the entry then raises."""
+    table = table_from([0, 2])
+    table_ref = weakref.ref(table)
+    entry = table.entries()[1]
+    del table
     gc.collect()
-    assert entry.pfn == 2  # the view holds its owner; the owner was never closed
+    assert table_ref() is not None  # alive: the entry holds it
+    assert entry.pfn == 2 and not table_ref().closed  # and not closed by the collection
+    table_ref().close()  # closable while the entry exists: the entry keeps nothing open
+    assert table_ref().closed
+    with pytest.raises(sg.ClosedError, match="after its table was closed"):
+        entry.pfn
+    del entry
+    gc.collect()
+    assert table_ref() is None
 
 
 def test_pages_lifetime(memory):
@@ -98,7 +111,7 @@ def test_pages_lifetime(memory):
 def test_memory_close_refused_while_pages_open(engine):
     mem = sg.PhysicalMemory(1 << 20, engine=engine)
     pages = mem.alloc_pages(2)
-    with pytest.raises(sg.BusyError, match="still open"):
+    with pytest.raises(sg.BusyError, match="still in use"):
         mem.close()
     assert not mem.closed
     pages.close()

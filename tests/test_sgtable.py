@@ -1,5 +1,5 @@
 """SGTable[Owned[Pages]] and SGTable[Borrowed]: the Rust abstraction's type-states, drop order
-and Devres revocation (spec section 10)."""
+and Devres revocation (the Rust SGTable abstraction)."""
 
 from __future__ import annotations
 
@@ -13,16 +13,8 @@ from scatterlist import DataDirection as Dir
 PAGE = 4096
 
 
-@pytest.fixture
-def system(engine):
-    mem = sg.PhysicalMemory(256 << 20, engine=engine)
-    iommu = sg.Iommu(mem)
-    dev = sg.Device(mem, iommu=iommu, name="gpu")
-    return mem, iommu, dev
-
-
 def test_owned_table_maps_iterates_and_drops_in_order(system):
-    mem, iommu, dev = system
+    mem, iommu, dev, _ = system
     pages = mem.vmalloc(5 * PAGE + 100)
     free_before = mem.free_pages
     with sg.SGTable.new(dev, pages, Dir.FROM_DEVICE) as table:
@@ -45,22 +37,22 @@ def test_owned_table_maps_iterates_and_drops_in_order(system):
 
 
 def test_segment_limit_is_the_devices(system):
-    mem, iommu, dev = system
+    mem, iommu, dev, _ = system
     pages = mem.alloc_pages(40, "contiguous")
     with sg.SGTable.new(dev, pages, Dir.TO_DEVICE) as table:
         # 160 KiB of contiguous pages: CPU entries of at most 64 KiB (max_segment_size),
         # where the Rust abstraction would build one 160 KiB entry.
-        assert [e.length for e in table._raw_table().entries()] == [65536, 65536, 32768]
+        assert [e.length for e in table._raw.entries()] == [65536, 65536, 32768]
         assert all(s.dma_len <= dev.max_segment_size for s in table)
     dev.max_mapping_size = 3 * PAGE
     pages2 = mem.alloc_pages(8, "contiguous")
     with sg.SGTable.new(dev, pages2, Dir.TO_DEVICE) as table:
-        assert [e.length for e in table._raw_table().entries()] == [3 * PAGE, 3 * PAGE,
+        assert [e.length for e in table._raw.entries()] == [3 * PAGE, 3 * PAGE,
                                                                      2 * PAGE]
 
 
 def test_borrowed_views_never_dangle(system):
-    mem, _, dev = system
+    mem, _, dev, _ = system
     table = sg.SGTable.new(dev, mem.alloc_pages(3), Dir.TO_DEVICE)
     view = table.borrow()
     view_of_view = view.borrow()
@@ -77,7 +69,7 @@ def test_borrowed_views_never_dangle(system):
 
 
 def test_unbind_revokes_once_and_close_does_not_unmap_again(system):
-    mem, iommu, dev = system
+    mem, iommu, dev, _ = system
     tables = [sg.SGTable.new(dev, mem.alloc_pages(2), Dir.BIDIRECTIONAL) for _ in range(3)]
     addrs = [next(iter(t)).dma_address for t in tables]
     view = tables[1].borrow()
@@ -110,23 +102,23 @@ def test_unbind_revokes_once_and_close_does_not_unmap_again(system):
         sg.SGTable.new(dev, mem.alloc_pages(1), Dir.TO_DEVICE)
     gc.collect()
     sg.SGTable.new(dev, mem.alloc_pages(1), Dir.TO_DEVICE).close()
-    assert len(dev._devres) <= 1
+    assert len(dev._state.mappings) <= 1
 
 def test_table_closed_before_unbind_is_not_revoked(system):
-    mem, iommu, dev = system
+    mem, iommu, dev, _ = system
     table = sg.SGTable.new(dev, mem.alloc_pages(2), Dir.TO_DEVICE)
     table.close()
     assert dev.unbind() == 0
 
 
 def test_from_raw_views(system):
-    mem, _, dev = system
+    mem, _, dev, _ = system
     raw = sg.alloc_table_from_pages([1, 3, 5], engine=mem.engine)
     sg.dma_map_sgtable(dev, raw, Dir.TO_DEVICE)
     view = sg.SGTable.from_raw(raw)
     assert view.nents == 1 and [s.dma_len for s in view] == [3 * PAGE]
     if mem.engine == "native":
-        again = sg.SGTable.from_raw(raw._handle)  # a C pointer, as a C device model holds
+        again = sg.SGTable.from_raw(raw._life.handle)  # a C pointer, as a C device model holds
         assert again.nents == 1
     sg.dma_unmap_sgtable(dev, raw, Dir.TO_DEVICE)
     raw.close()
@@ -137,7 +129,7 @@ def test_from_raw_views(system):
 
 
 def test_new_refuses_bad_input_and_changes_nothing(system, engine):
-    mem, iommu, dev = system
+    mem, iommu, dev, _ = system
     pages = mem.alloc_pages(2)
     with pytest.raises(sg.InvalidArgument, match="DMA_NONE"):
         sg.SGTable.new(dev, pages, Dir.NONE)
@@ -161,7 +153,7 @@ def test_new_refuses_bad_input_and_changes_nothing(system, engine):
 
 
 def test_dropped_owner_is_released_by_gc(system):
-    mem, iommu, dev = system
+    mem, iommu, dev, _ = system
     free_before = mem.free_pages
     table = sg.SGTable.new(dev, mem.alloc_pages(4), Dir.TO_DEVICE)
     assert iommu.mapped_pages == 4
@@ -174,7 +166,7 @@ def test_dropped_owner_is_released_by_gc(system):
 
 
 def test_borrow_of_a_from_raw_view(system):
-    mem, _, dev = system
+    mem, _, dev, _ = system
     raw = sg.alloc_table_from_pages([2, 4], engine=mem.engine)
     view = sg.SGTable.from_raw(raw).borrow()
     assert view.nents == 2 and not view.closed  # unmapped: the CPU entries, nothing revoked

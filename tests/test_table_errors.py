@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import scatterlist as sg
-from conftest import cpu_rows
+from helpers import cpu_rows
 
 PAGE = 4096
 
@@ -130,10 +130,10 @@ def test_bad_counts(table_from):
     t = table_from([0, 2])
     with pytest.raises(sg.InvalidArgument, match="left_pages=-1"):
         table_from([0], left_pages=-1)
-    with pytest.raises(sg.InvalidArgument, match="length=-1"):
+    with pytest.raises(sg.InvalidArgument, match="len_bytes=-1"):
         t.nents_for_len(-1)
     with pytest.raises(sg.InvalidArgument, match="start=-1"):
-        t.pages(-1)
+        t.page_pfns(-1)
     with pytest.raises(sg.InvalidArgument, match="n_entries=3"):
         t.export_dma(3)
 

@@ -47,6 +47,15 @@ static unsigned n_passed, n_failed;
 
 #define CHECK_OK(call) CHECK_EQ((call), 0)
 
+/* The whole detail record of the last failure (every field, so no stale one slips through). */
+#define CHECK_DETAIL(element_, value_, limit_, access_)                                        \
+    do {                                                                                      \
+        CHECK_EQ(sl_last_error()->element, (element_));                                       \
+        CHECK_EQ(sl_last_error()->value, (value_));                                           \
+        CHECK_EQ(sl_last_error()->limit, (limit_));                                           \
+        CHECK_EQ(sl_last_error()->access, (access_));                                         \
+    } while (0)
+
 #define KIB(n) ((uint64_t)(n) << 10)
 
 /* splitmix64, for reproducible random tests. */
@@ -95,6 +104,9 @@ static void test_iova_create(void)
     CHECK_FAIL(iova_domain_create(12288, 1, 1, &dom), EINVAL, SL_REASON_GRANULE);
     CHECK_FAIL(iova_domain_create(131072, 1, 1, &dom), EINVAL, SL_REASON_GRANULE);
     CHECK_FAIL(iova_domain_create(4096, 0, 1, &dom), EINVAL, SL_REASON_IOVA_START_PFN);
+    CHECK_DETAIL(0, 0, 0, 0);
+    CHECK_FAIL(iova_domain_create(131072 + 4096, 1, 1, &dom), EINVAL, SL_REASON_GRANULE);
+    CHECK_DETAIL(0, 131072 + 4096, 0, 0);
     for (uint32_t g = 4096; g <= 65536; g <<= 1) {
         CHECK_OK(iova_domain_create(g, 1, 1, &dom));
         CHECK_EQ(iova_granule_bytes(dom), g);
@@ -186,8 +198,13 @@ static void test_iova_limits_and_pfn0(void)
     dom = new_iova(4096, 1, 1);
     /* 8 granules under limit 7 would have to start at 0. */
     CHECK_FAIL(iova_alloc(dom, 8, 7, &pfn), ENOMEM, SL_REASON_IOVA_EXHAUSTED);
+    CHECK_DETAIL(0, 8, 7, 0);
+    /* value = the rounded size, limit = the limit clamped to the top pfn. */
+    CHECK_FAIL(iova_alloc(dom, 5, 3, &pfn), ENOMEM, SL_REASON_IOVA_EXHAUSTED);
+    CHECK_DETAIL(0, 8, 3, 0);
     CHECK_FAIL(iova_alloc(dom, 1, 0, &pfn), ENOMEM, SL_REASON_IOVA_EXHAUSTED);
     CHECK_FAIL(iova_alloc(dom, UINT64_MAX, UINT64_MAX, &pfn), ENOMEM, SL_REASON_IOVA_EXHAUSTED);
+    CHECK_DETAIL(0, UINT64_MAX, iova_max_pfn(dom), 0);
     CHECK_FAIL(iova_alloc(dom, UINT64_C(1) << 60, UINT64_MAX, &pfn), ENOMEM,
                SL_REASON_IOVA_EXHAUSTED);
     CHECK_EQ(iova_live_ranges(dom), 0);
@@ -297,13 +314,16 @@ static void test_iova_reserve(void)
     static struct iova_snapshot before, after;
     snapshot(dom, &before);
     CHECK_FAIL(iova_reserve(dom, 0xFF, 0x100), EBUSY, SL_REASON_IOVA_BUSY);
-    CHECK_EQ(sl_last_error()->index, 0xF0);
+    CHECK_DETAIL(0, 0xF0, 0xFF, 0); /* the live range hit */
     snapshot(dom, &after);
     CHECK(same_snapshot(&before, &after));
     CHECK_FAIL(iova_reserve(dom, 5, 4), EINVAL, SL_REASON_IOVA_RANGE);
+    CHECK_DETAIL(0, 5, 4, 0);
     CHECK_FAIL(iova_reserve(dom, 5, UINT64_MAX), EINVAL, SL_REASON_IOVA_RANGE);
+    CHECK_DETAIL(0, 5, UINT64_MAX, 0);
     /* Reserved ranges cannot be freed, and allocation skips them entirely. */
     CHECK_FAIL(iova_free(dom, 0x100, 0x211), EINVAL, SL_REASON_IOVA_NOT_LIVE);
+    CHECK_DETAIL(0, 0x100, 0, 0);
     /* Every 0x80-aligned block under 0x310 is reserved, live or starts at pfn 0. */
     CHECK_FAIL(iova_alloc(dom, 0x80, 0x310, &pfn), ENOMEM, SL_REASON_IOVA_EXHAUSTED);
     CHECK_OK(iova_alloc(dom, 0x40, 0x310, &pfn));
@@ -343,15 +363,20 @@ static void test_iova_free_and_find(void)
     CHECK_FAIL(iova_find(dom, a + 100, &r), ENOENT, SL_REASON_IOVA_NOT_FOUND);
     CHECK_FAIL(iova_find(dom, UINT64_MAX, &r), ENOENT, SL_REASON_IOVA_NOT_FOUND);
     CHECK_FAIL(iova_free(dom, a + 100, 100), ENOENT, SL_REASON_IOVA_NOT_FOUND);
+    CHECK_DETAIL(0, a + 100, 0, 0);
     CHECK_FAIL(iova_free(dom, a + 1, 100), EINVAL, SL_REASON_IOVA_NOT_START);
+    CHECK_DETAIL(0, a + 1, 0, 0);
     CHECK_FAIL(iova_free(dom, a, 99), EINVAL, SL_REASON_IOVA_SIZE_MISMATCH);
+    CHECK_DETAIL(0, 99, 100, 0);
     CHECK_FAIL(iova_free(dom, a, 0), EINVAL, SL_REASON_IOVA_SIZE);
+    CHECK_DETAIL(0, 0, 0, 0);
     CHECK_EQ(iova_live_ranges(dom), 1);
     /* Order >= 6 goes straight back to free space. */
     CHECK_OK(iova_free(dom, a, 100));
     CHECK_EQ(iova_live_ranges(dom), 0);
     CHECK_EQ(iova_cached_ranges(dom), 0);
     CHECK_FAIL(iova_find(dom, a, &r), ENOENT, SL_REASON_IOVA_NOT_FOUND);
+    CHECK_DETAIL(0, a, 0, 0);
     /* A cached range is found (state CACHED) but cannot be freed twice. */
     CHECK_OK(iova_alloc(dom, 3, 0xFFFFF, &b));
     CHECK_OK(iova_free(dom, b, 3));
@@ -364,6 +389,7 @@ static void test_iova_free_and_find(void)
     CHECK_OK(iova_alloc(dom, 3, 0xFFFFF, &c));
     CHECK_EQ(c, b);
     CHECK_FAIL(iova_free(dom, c, 5), EINVAL, SL_REASON_IOVA_SIZE_MISMATCH);
+    CHECK_DETAIL(0, 5, 4, 0); /* the allocation took 4 granules for 3 */
     CHECK_OK(iova_free(dom, c, 4));
     CHECK_OK(iova_check(dom));
     iova_domain_destroy(dom);
@@ -618,6 +644,7 @@ static void test_iommu_create(void)
     CHECK(dom == NULL);
     CHECK_FAIL(iommu_domain_create(4096 * 3, 48, &dom), EINVAL, SL_REASON_GRANULE);
     CHECK_FAIL(iommu_domain_create(4096, 12, &dom), EINVAL, SL_REASON_APERTURE_BITS);
+    CHECK_DETAIL(0, 12, 0, 0);
     CHECK_FAIL(iommu_domain_create(4096, 65, &dom), EINVAL, SL_REASON_APERTURE_BITS);
     static const struct {
         uint32_t granule;
@@ -695,8 +722,7 @@ static void test_iommu_faults(void)
     phys = 0xdead;
     CHECK_FAIL(iommu_translate(dom, 0x1010, IOMMU_WRITE, &phys), EFAULT,
                SL_REASON_IOMMU_FAULT_PERMISSION);
-    CHECK_EQ(sl_last_error()->index, IOMMU_WRITE);
-    CHECK_EQ(sl_last_error()->value, 0x1010);
+    CHECK_DETAIL(0, 0x1010, 0, IOMMU_WRITE);
     CHECK_EQ(phys, 0xdead); /* untouched on a fault */
     CHECK_OK(iommu_translate(dom, 0x2020, IOMMU_WRITE, &phys));
     CHECK_EQ(phys, 0x6020);
@@ -712,12 +738,14 @@ static void test_iommu_faults(void)
                SL_REASON_IOMMU_FAULT_NOT_MAPPED);
     CHECK_FAIL(iommu_translate(dom, UINT64_C(1) << 48, IOMMU_WRITE, &phys), EFAULT,
                SL_REASON_IOMMU_FAULT_APERTURE);
+    CHECK_DETAIL(0, UINT64_C(1) << 48, 0, IOMMU_WRITE);
     CHECK_FAIL(iommu_translate(dom, UINT64_MAX, IOMMU_READ, &phys), EFAULT,
                SL_REASON_IOMMU_FAULT_APERTURE);
     /* A bad access argument is a caller error, not a device fault. */
     CHECK_FAIL(iommu_translate(dom, 0x1000, 0, &phys), EINVAL, SL_REASON_IOMMU_ACCESS);
     CHECK_FAIL(iommu_translate(dom, 0x1000, IOMMU_READ | IOMMU_WRITE, &phys), EINVAL,
                SL_REASON_IOMMU_ACCESS);
+    CHECK_DETAIL(0, IOMMU_READ | IOMMU_WRITE, 0, 0); /* no access left over from the fault */
 
     CHECK_EQ(iommu_fault_total(dom), 8);
     CHECK_EQ(iommu_fault_count(dom), 8);
@@ -777,20 +805,28 @@ static void test_iommu_bad_args(void)
     uint64_t tables = iommu_table_count(dom);
     CHECK_FAIL(iommu_map(dom, 0x10800, 0x1000, KIB(4), IOMMU_READ), EINVAL,
                SL_REASON_IOMMU_ALIGN);
-    CHECK_EQ(sl_last_error()->index, 0);
+    CHECK_DETAIL(0, 0x10800, 4096, 0);
     CHECK_FAIL(iommu_map(dom, 0x10000, 0x1001, KIB(4), IOMMU_READ), EINVAL,
                SL_REASON_IOMMU_ALIGN);
-    CHECK_EQ(sl_last_error()->index, 1);
+    CHECK_DETAIL(0, 0x1001, 4096, 0);
     CHECK_FAIL(iommu_map(dom, 0x10000, 0x1000, 100, IOMMU_READ), EINVAL, SL_REASON_IOMMU_ALIGN);
-    CHECK_EQ(sl_last_error()->index, 2);
+    CHECK_DETAIL(0, 100, 4096, 0);
+    /* Several misaligned: iova first, then phys. */
+    CHECK_FAIL(iommu_map(dom, 0x10001, 0x1001, 100, IOMMU_READ), EINVAL, SL_REASON_IOMMU_ALIGN);
+    CHECK_DETAIL(0, 0x10001, 4096, 0);
+    CHECK_FAIL(iommu_map(dom, 0x10000, 0x1001, 100, IOMMU_READ), EINVAL, SL_REASON_IOMMU_ALIGN);
+    CHECK_DETAIL(0, 0x1001, 4096, 0);
     CHECK_FAIL(iommu_map(dom, 0x10001, 0x1000, 0, IOMMU_READ), EINVAL, SL_REASON_IOMMU_ALIGN);
     CHECK_FAIL(iommu_map(dom, 0x10000, 0x1000, KIB(4), 64), EINVAL, SL_REASON_IOMMU_PROT);
+    CHECK_DETAIL(0, 64, 0, 0);
     CHECK_FAIL(iommu_map(dom, (UINT64_C(1) << 48) - KIB(4), 0x1000, KIB(8), IOMMU_READ), EINVAL,
                SL_REASON_IOMMU_APERTURE);
+    CHECK_DETAIL(0, (UINT64_C(1) << 48) - KIB(4), (UINT64_C(1) << 48) - 1, 0);
     CHECK_FAIL(iommu_map(dom, UINT64_C(1) << 48, 0x1000, KIB(4), IOMMU_READ), EINVAL,
                SL_REASON_IOMMU_APERTURE);
     CHECK_FAIL(iommu_map(dom, 0x10000, UINT64_MAX - KIB(4) + 1, KIB(8), IOMMU_READ), EINVAL,
                SL_REASON_IOMMU_PHYS_RANGE);
+    CHECK_DETAIL(0, UINT64_MAX - KIB(4) + 1, 0, 0);
     CHECK_FAIL(iommu_map(dom, 0x10000, 0, UINT64_MAX - 4095, IOMMU_READ), EINVAL,
                SL_REASON_IOMMU_APERTURE);
     CHECK_OK(iommu_map(dom, 0x10000, 0x1000, 0, IOMMU_READ)); /* size 0: nothing */
@@ -807,6 +843,7 @@ static void test_iommu_bad_args(void)
     /* A 64-bit aperture: sizes too large for the int64_t result are refused. */
     dom = new_iommu(4096, 64);
     CHECK_FAIL(iommu_unmap(dom, 0, UINT64_C(1) << 63), EINVAL, SL_REASON_IOMMU_APERTURE);
+    CHECK_DETAIL(0, 0, UINT64_MAX, 0);
     CHECK_EQ(iommu_unmap(dom, 0, (UINT64_C(1) << 62)), 0); /* nothing mapped: stops at once */
     iommu_domain_destroy(dom);
 }
@@ -825,8 +862,7 @@ static void test_iommu_eexist_atomic(void)
     CHECK_FAIL(iommu_map(dom, base + leaf_span - KIB(40), 0x200000, KIB(80),
                          IOMMU_READ | IOMMU_WRITE),
                EEXIST, SL_REASON_IOMMU_MAPPED);
-    CHECK_EQ(sl_last_error()->value, base + leaf_span);
-    CHECK_EQ(sl_last_error()->index, 10);
+    CHECK_DETAIL(0, base + leaf_span, 0, 0);
     CHECK_EQ(iommu_mapped_pages(dom), 1);
     CHECK_EQ(iommu_table_count(dom), tables);
     for (uint64_t off = 0; off < KIB(80); off += KIB(4))
@@ -841,8 +877,7 @@ static void test_iommu_eexist_atomic(void)
     uint64_t start = base - 400 * leaf_span; /* crosses a 1 GiB boundary: a new upper table */
     CHECK_FAIL(iommu_map(dom, start, 0, 700 * leaf_span, IOMMU_READ), EEXIST,
                SL_REASON_IOMMU_MAPPED);
-    CHECK_EQ(sl_last_error()->value, base + leaf_span);
-    CHECK_EQ(sl_last_error()->index, (base + leaf_span - start) / 4096);
+    CHECK_DETAIL(0, base + leaf_span, 0, 0);
     CHECK_EQ(iommu_mapped_pages(dom), 2);
     CHECK_EQ(iommu_table_count(dom), tables);
     /* Mapping the same page twice, and mapping right next to a page, behave. */
@@ -911,14 +946,14 @@ static void test_iommu_translate_range(void)
     uint64_t before = iommu_fault_total(dom);
     CHECK_FAIL(iommu_translate_range(dom, 0x10000, KIB(16), IOMMU_WRITE, runs, 8, &n_runs, &done),
                EFAULT, SL_REASON_IOMMU_FAULT_PERMISSION);
-    CHECK_EQ(sl_last_error()->value, 0x13000);
+    CHECK_DETAIL(0, 0x13000, 0, IOMMU_WRITE);
     CHECK_EQ(n_runs, 2);
     CHECK_EQ(done, KIB(12));
     CHECK_EQ(iommu_fault_total(dom), before + 1);
     /* Running into the unmapped page. */
     CHECK_FAIL(iommu_translate_range(dom, 0x13F00, 0x200, IOMMU_READ, runs, 8, &n_runs, &done),
                EFAULT, SL_REASON_IOMMU_FAULT_NOT_MAPPED);
-    CHECK_EQ(sl_last_error()->value, 0x14000);
+    CHECK_DETAIL(0, 0x14000, 0, IOMMU_READ);
     CHECK_EQ(n_runs, 1);
     CHECK_EQ(done, 0x100);
     CHECK_EQ(runs[0].phys, 0x301F00);
@@ -926,6 +961,7 @@ static void test_iommu_translate_range(void)
     before = iommu_fault_total(dom);
     CHECK_FAIL(iommu_translate_range(dom, 0x10000, KIB(16), IOMMU_READ, runs, 1, &n_runs, &done),
                ENOSPC, SL_REASON_IOMMU_RUNS_CAPACITY);
+    CHECK_DETAIL(0, 0x10000 + KIB(8), 1, 0); /* stopped where the second run would start */
     CHECK_EQ(n_runs, 1);
     CHECK_EQ(done, KIB(8));
     CHECK_EQ(iommu_fault_total(dom), before);
@@ -937,13 +973,14 @@ static void test_iommu_translate_range(void)
     CHECK_FAIL(iommu_translate_range(dom, UINT64_MAX - 10, 12, IOMMU_READ, runs, 8, &n_runs,
                                      &done),
                EINVAL, SL_REASON_IOMMU_APERTURE);
+    CHECK_DETAIL(0, UINT64_MAX - 10, (UINT64_C(1) << 32) - 1, 0);
     /* Crossing the top of the aperture. */
     uint64_t top = (UINT64_C(1) << 32) - KIB(4);
     CHECK_OK(iommu_map(dom, top, 0x900000, KIB(4), IOMMU_READ));
     CHECK_FAIL(iommu_translate_range(dom, top + 0xF00, 0x200, IOMMU_READ, runs, 8, &n_runs,
                                      &done),
                EFAULT, SL_REASON_IOMMU_FAULT_APERTURE);
-    CHECK_EQ(sl_last_error()->value, UINT64_C(1) << 32);
+    CHECK_DETAIL(0, UINT64_C(1) << 32, 0, IOMMU_READ);
     CHECK_EQ(done, 0x100);
     CHECK_EQ(runs[0].phys, 0x900F00);
     iommu_domain_destroy(dom);
@@ -989,8 +1026,7 @@ static void test_iommu_map_runs(void)
     const struct iommu_run clash[] = {{0x700000, KIB(4)}, {0x710000, KIB(8)}, {0x720000, KIB(8)}};
     CHECK_FAIL(iommu_map_runs(dom, iova - KIB(16), clash, 3, IOMMU_WRITE), EEXIST,
                SL_REASON_IOMMU_MAPPED);
-    CHECK_EQ(sl_last_error()->index, 4);
-    CHECK_EQ(sl_last_error()->value, iova);
+    CHECK_DETAIL(0, iova, 0, 0); /* the first page found mapped */
     CHECK_EQ(iommu_mapped_pages(dom), 6);
     CHECK_EQ(iommu_table_count(dom), tables);
     for (unsigned i = 1; i <= 4; i++)
@@ -1001,17 +1037,24 @@ static void test_iommu_map_runs(void)
     /* Bad runs are refused before anything is touched. */
     const struct iommu_run odd_phys[] = {{0x1000, KIB(4)}, {0x2800, KIB(4)}};
     CHECK_FAIL(iommu_map_runs(dom, 0, odd_phys, 2, IOMMU_READ), EINVAL, SL_REASON_IOMMU_ALIGN);
-    CHECK_EQ(sl_last_error()->index, 1);
-    CHECK_EQ(sl_last_error()->value, 0x2800);
-    const struct iommu_run odd_len[] = {{0x1000, 100}};
-    CHECK_FAIL(iommu_map_runs(dom, 0, odd_len, 1, IOMMU_READ), EINVAL, SL_REASON_IOMMU_ALIGN);
+    CHECK_DETAIL(1, 0x2800, 4096, 0);
+    const struct iommu_run odd_len[] = {{0x1000, KIB(4)}, {0x3000, 0}, {0x1000, 100}};
+    CHECK_FAIL(iommu_map_runs(dom, 0, odd_len, 3, IOMMU_READ), EINVAL, SL_REASON_IOMMU_ALIGN);
+    CHECK_DETAIL(2, 100, 4096, 0);
     CHECK_FAIL(iommu_map_runs(dom, 0x800, runs, 1, IOMMU_READ), EINVAL, SL_REASON_IOMMU_ALIGN);
+    CHECK_DETAIL(0, 0x800, 4096, 0);
     CHECK_FAIL(iommu_map_runs(dom, 0, runs, 1, 0x80), EINVAL, SL_REASON_IOMMU_PROT);
-    const struct iommu_run wrap[] = {{UINT64_MAX - 4095, KIB(8)}};
-    CHECK_FAIL(iommu_map_runs(dom, 0, wrap, 1, IOMMU_READ), EINVAL, SL_REASON_IOMMU_PHYS_RANGE);
+    CHECK_DETAIL(0, 0x80, 0, 0);
+    const struct iommu_run wrap[] = {{0x1000, KIB(4)}, {UINT64_MAX - 4095, KIB(8)}};
+    CHECK_FAIL(iommu_map_runs(dom, 0, wrap, 2, IOMMU_READ), EINVAL, SL_REASON_IOMMU_PHYS_RANGE);
+    CHECK_DETAIL(1, UINT64_MAX - 4095, 0, 0);
     const struct iommu_run huge[] = {{0, UINT64_C(1) << 47}, {0, UINT64_C(1) << 47}};
     CHECK_FAIL(iommu_map_runs(dom, 0x1000, huge, 2, IOMMU_READ), EINVAL,
                SL_REASON_IOMMU_APERTURE);
+    CHECK_DETAIL(1, 0x1000, (UINT64_C(1) << 48) - 1, 0); /* the second run passes the end */
+    const struct iommu_run over[] = {{0, UINT64_C(1) << 63}, {0, UINT64_C(1) << 63}};
+    CHECK_FAIL(iommu_map_runs(dom, 0, over, 2, IOMMU_READ), EINVAL, SL_REASON_IOMMU_APERTURE);
+    CHECK_DETAIL(1, 0, (UINT64_C(1) << 48) - 1, 0); /* the total passes 2^64 at run 1 */
     const struct iommu_run empty[] = {{0x1000, 0}, {0x3000, 0}};
     CHECK_OK(iommu_map_runs(dom, 0x1000, empty, 2, IOMMU_READ));
     CHECK_OK(iommu_map_runs(dom, 0x1000, NULL, 0, IOMMU_READ));

@@ -8,18 +8,20 @@ constructors also take ``engine=``.  ``scatterlist.engine`` names the default in
 from __future__ import annotations
 
 from . import _engine, debug, faults
-from .device import (DMA_BIT_MASK, Device, dma_map_sg, dma_map_sgtable, dma_sync_sg_for_cpu,
-                     dma_sync_sg_for_device, dma_sync_sgtable_for_cpu,
-                     dma_sync_sgtable_for_device, dma_sync_single_for_cpu,
-                     dma_sync_single_for_device, dma_unmap_sg, dma_unmap_sgtable)
+from .constants import (DMA_BIT_MASK, IOMMU_READ, IOMMU_WRITE, MAX_SEGMENT_UNLIMITED,
+                        PAGE_SIZE, DataDirection)
+from .device import Device
+from .dma import (dma_map_sg, dma_map_sgtable, dma_sync_sg_for_cpu, dma_sync_sg_for_device,
+                  dma_sync_sgtable_for_cpu, dma_sync_sgtable_for_device,
+                  dma_sync_single_for_cpu, dma_sync_single_for_device, dma_unmap_sg,
+                  dma_unmap_sgtable)
 from .errors import (BusyError, ClosedError, DeviceUnbound, DmaApiError, DmaApiWarning,
                      InvalidArgument, IommuFault, MappingError, OutOfMemory, Reason,
                      ScatterlistError)
-from .iommu import IOMMU_READ, IOMMU_WRITE, FaultRecord, Iommu, IovaRange
-from .memory import PAGE_SIZE, Pages, PhysicalMemory
+from .iommu import FaultRecord, Iommu, IovaRange
+from .memory import Pages, PhysicalMemory
 from .sgtable import Borrowed, Owned, SGTable
-from .table import (MAX_SEGMENT_UNLIMITED, DataDirection, RawTable, SGEntry,
-                    alloc_table_from_entries, alloc_table_from_pages)
+from .table import RawTable, SGEntry, alloc_table_from_entries, alloc_table_from_pages
 
 __version__ = "0.1.0"
 

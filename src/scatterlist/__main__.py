@@ -54,7 +54,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 print(table)
                 for entry in table:
                     print(f"  {entry}")
-                print(f"chunks: {table.chunk_slots()}  pages visited: {list(table.pages())}")
+                print(f"chunks: {table.chunk_slots()}  pages visited: {list(table.page_pfns())}")
     return 0
 
 

@@ -17,9 +17,10 @@ except ImportError as exc:  # pragma: no cover - exercised only without a build
         "scatterlist's native engine is not built (scatterlist._sg is missing): reinstall with "
         "`pip install .`, or choose the pure-Python engine with SCATTERLIST_ENGINE=model") from exc
 
+from ._contract import DeviceLimits, TableCounts, TableMapping
 from .errors import error_for
 
-EXPECTED_ABI_VERSION = 2
+EXPECTED_ABI_VERSION = 3
 if lib.sl_abi_version() != EXPECTED_ABI_VERSION:  # a stale build must fail loudly
     raise ImportError(
         f"scatterlist._sg has ABI version {lib.sl_abi_version()}, the Python layer expects "
@@ -30,7 +31,8 @@ def _check(rc: int) -> int:
     """Raise the exception for a negative return code; pass other values through."""
     if rc < 0:
         detail = lib.sl_last_error()
-        raise error_for(-rc, detail.reason, detail.index, detail.value)
+        raise error_for(-rc, detail.reason, element=detail.element, value=detail.value,
+                        limit=detail.limit, access=detail.access)
     return rc
 
 
@@ -45,10 +47,10 @@ class NativeEngine:
     def memory_create(self, size_bytes: int, page_size: int) -> Any:
         out = ffi.new("struct physmem **")
         _check(lib.physmem_create(size_bytes, page_size, out))
-        return ffi.gc(out[0], lib.physmem_destroy)
+        return out[0]
 
     def memory_destroy(self, mem: Any) -> None:
-        ffi.release(mem)
+        lib.physmem_destroy(mem)
 
     def memory_info(self, mem: Any) -> Tuple[int, int, int]:
         return (lib.physmem_n_pages(mem), lib.physmem_free_pages(mem),
@@ -80,7 +82,7 @@ class NativeEngine:
     def table_create(self, page_size: int, max_segment_bytes: int) -> Any:
         out = ffi.new("struct sl_table **")
         _check(lib.sl_table_create(page_size, max_segment_bytes, out))
-        return ffi.gc(out[0], lib.sl_table_destroy)
+        return out[0]
 
     def table_address(self, table: Any) -> int:
         if not isinstance(table, ffi.CData) or ffi.typeof(table) is not ffi.typeof(
@@ -89,10 +91,7 @@ class NativeEngine:
         return int(ffi.cast("uintptr_t", table))
 
     def table_destroy(self, table: Any) -> None:
-        ffi.release(table)
-
-    def table_free_entries(self, table: Any) -> None:
-        lib.sl_table_free_entries(table)
+        lib.sl_table_destroy(table)
 
     def table_append(self, table: Any, pfns: memoryview, offset: int, size_bytes: int,
                      left_pages: int) -> None:
@@ -104,8 +103,9 @@ class NativeEngine:
         _check(lib.sg_alloc_table_from_entries(table, ffi.from_buffer("uint64_t[]", rows),
                                                len(rows) // 3))
 
-    def table_counts(self, table: Any) -> Tuple[int, int, int, bool]:
-        return (table.sgt.nents, table.sgt.orig_nents, table.total_nents, bool(table.final))
+    def table_counts(self, table: Any) -> TableCounts:
+        return TableCounts(table.sgt.nents, table.sgt.orig_nents, table.total_nents,
+                           bool(table.final))
 
     def table_export_cpu(self, table: Any, n_entries: int) -> "array[int]":
         rows = _u64_array(3 * n_entries)
@@ -121,6 +121,11 @@ class NativeEngine:
         slots = ffi.new("uint32_t[]", table.n_chunks)
         lib.sl_table_chunk_slots(table, slots)
         return list(slots)
+
+    def drain_chunk_cache(self) -> None:
+        """Give the entry chunks the C core keeps for reuse back to the allocator (so that a
+        leak checker sees only real leaks); not part of the engine contract."""
+        lib.sl_chunk_cache_drain()
 
     def table_sg_nents(self, table: Any) -> int:
         return int(lib.sg_nents(table))
@@ -146,10 +151,10 @@ class NativeEngine:
     def iommu_create(self, granule: int, aperture_bits: int) -> Any:
         out = ffi.new("struct sl_iommu **")
         _check(lib.sl_iommu_create(granule, aperture_bits, out))
-        return ffi.gc(out[0], lib.sl_iommu_destroy)
+        return out[0]
 
     def iommu_destroy(self, iommu: Any) -> None:
-        ffi.release(iommu)
+        lib.sl_iommu_destroy(iommu)
 
     def iommu_map(self, iommu: Any, iova: int, phys: int, size_bytes: int, prot: int) -> None:
         lib.sl_iommu_lock(iommu)
@@ -251,16 +256,40 @@ class NativeEngine:
     def device_create(self, mem: Any, iommu: Optional[Any]) -> Any:
         out = ffi.new("struct dma_device **")
         _check(lib.dma_device_create(mem, ffi.NULL if iommu is None else iommu, out))
-        return ffi.gc(out[0], lib.dma_device_destroy)
+        return out[0]
 
     def device_destroy(self, dev: Any) -> None:
-        ffi.release(dev)
+        lib.dma_device_destroy(dev)
 
-    def device_get(self, dev: Any, field: str) -> int:
-        return int(getattr(dev, field))
+    def device_limits(self, dev: Any) -> DeviceLimits:
+        limits = ffi.new("struct dma_device_limits *")
+        lib.dma_device_get_limits(dev, limits)
+        return DeviceLimits(limits.dma_mask, limits.max_segment_size, limits.seg_boundary_mask,
+                            limits.max_mapping_size)
 
-    def device_set(self, dev: Any, field: str, value: int) -> None:
-        setattr(dev, field, value)
+    def device_set_limits(self, dev: Any, limits: DeviceLimits) -> None:
+        c_limits = ffi.new("struct dma_device_limits *", limits._asdict())
+        _check(lib.dma_device_set_limits(dev, c_limits))
+
+    def device_bound(self, dev: Any) -> bool:
+        return bool(lib.dma_device_is_bound(dev))
+
+    def device_set_bound(self, dev: Any, bound: bool) -> None:
+        lib.dma_device_set_bound(dev, int(bound))
+
+    def device_live_mappings(self, dev: Any) -> int:
+        return int(lib.dma_device_live_mappings(dev))
+
+    def device_inject_failures(self, dev: Any, nth: int, ppm: int, err: int, seed: int) -> None:
+        _check(lib.dma_device_inject_failures(dev, nth, ppm, err, seed))
+
+    def device_injection(self, dev: Any) -> Tuple[int, int, int, int]:
+        state = ffi.new("struct dma_device_injection *")
+        lib.dma_device_get_injection(dev, state)
+        return (state.nth, state.ppm, state.err, state.rng_state)
+
+    def device_injected_failures(self, dev: Any) -> int:
+        return int(lib.dma_device_injected_failures(dev))
 
     def dma_map(self, dev: Any, table: Any, direction: int,
                 nents: Optional[int] = None) -> int:
@@ -283,10 +312,14 @@ class NativeEngine:
         else:
             _check(lib.dma_sync_sg(dev, table, nents, direction, int(for_cpu)))
 
-    def table_mapping(self, table: Any) -> Optional[Tuple[int, int, int, int]]:
+    def table_mapping(self, table: Any) -> Optional[TableMapping]:
         if table.dma_dev == ffi.NULL:
             return None
-        return (table.dma_dir, table.dma_iova, table.dma_iova_len, table.dma_map_nents)
+        return TableMapping(table.dma_dir, table.dma_iova, table.dma_iova_len,
+                            table.dma_map_nents, table.dma_mapped_count)
+
+    def dma_check_access(self, dev: Any, dma_addr: int, n_bytes: int, access: int) -> None:
+        _check(lib.dma_device_check_access(dev, dma_addr, n_bytes, access))
 
     def dma_read(self, dev: Any, dma_addr: int, n_bytes: int) -> bytes:
         buf = ffi.new("uint8_t[]", n_bytes)

@@ -1,22 +1,33 @@
-"""Argument checks shared by the Pythonic layer (both engines go through them)."""
+"""Argument conversion, and the one lifetime protocol every owner of an engine object uses.
+
+Argument conversion comes first in every public call: ints through ``__index__`` (which may run
+user code), page arrays into a form no other thread can change.  Only then does the call enter
+the objects it uses, through their :class:`Lifetime`.
+"""
 
 from __future__ import annotations
 
-import errno
-import functools
+import os
+import threading
+import weakref
 from array import array
-from typing import Any, Callable, Iterable, TypeVar, Union, cast
+from collections import Counter
+from typing import Any, Callable, Dict, Iterable, Optional, Union
 
-from .errors import InvalidArgument, Reason, error_for
+from .errors import BusyError, ClosedError, InvalidArgument, Reason, error_for
 
-# Buffer formats read as 64-bit pfns without a copy; signed ones too (a negative value reads as
-# a huge pfn, which the engine's range check refuses).
+# -- argument conversion ---------------------------------------------------------------------
+
+# Buffer formats read as 64-bit pfns; signed ones too (a negative value reads as a huge pfn,
+# which the engine's range check refuses).
 _U64_FORMATS = {"Q", "L", "q", "l", "N", "n"}
 
 PfnsLike = Union[Iterable[int], memoryview, "array[int]", Any]
 
 
 def require_int(name: str, value: object) -> int:
+    """``value`` as an int (through ``__index__``, as ``operator.index`` does); TypeError for
+    anything else, bools included."""
     if isinstance(value, bool) or not isinstance(value, int):
         index = getattr(value, "__index__", None)
         if index is None or isinstance(value, bool):
@@ -33,16 +44,18 @@ def require_range(name: str, value: object, low: int, high: int,
     number = require_int(name, value)
     if not low <= number <= high:
         if reason is not Reason.NONE:
-            raise error_for(errno.EINVAL, reason, 0, number)
+            raise error_for(22, reason, value=number)  # EINVAL
         raise InvalidArgument(f"{name}={number} is out of range [{low}, {high}]")
     return number
 
 
 def as_pfn_view(pfns: PfnsLike, name: str = "pfns") -> memoryview:
-    """A 1-D ``memoryview`` of format ``Q`` over ``pfns``.
+    """A 1-D ``memoryview`` of format ``Q`` holding the values of ``pfns``, which no other
+    thread can change while an engine reads it.
 
-    Contiguous 64-bit integer buffers (``array('Q')``, numpy ``uint64``/``int64``, memoryviews
-    of them) are used in place; other sequences are converted once."""
+    The C core reads a page array twice (a counting pass, then a filling pass) with the GIL
+    released, so a caller's buffer, which another thread could write meanwhile, is copied
+    once (one ``memcpy``); other sequences are converted once."""
     if isinstance(pfns, (str, bytes, bytearray)):
         raise TypeError(f"{name} must be a sequence or buffer of integers, not "
                         f"{type(pfns).__name__}")
@@ -55,7 +68,7 @@ def as_pfn_view(pfns: PfnsLike, name: str = "pfns") -> memoryview:
             raise InvalidArgument(f"{name} must be one-dimensional, not {view.ndim}-D")
         if (view.itemsize == 8 and view.format.lstrip("@=<") in _U64_FORMATS
                 and view.c_contiguous):
-            return view.cast("B").cast("Q")
+            return memoryview(view.tobytes()).cast("Q")  # one copy, which nobody else holds
         try:
             items: Iterable[Any] = view.tolist()
         except NotImplementedError as exc:
@@ -82,16 +95,304 @@ def as_pfn_view(pfns: PfnsLike, name: str = "pfns") -> memoryview:
     return memoryview(converted)
 
 
-F = TypeVar("F", bound=Callable[..., Any])
+# -- the lifetime protocol -------------------------------------------------------------------
+
+_OPEN = "open"
+_CLOSING = "closing"    # close() is waiting for the calls in flight
+_RELEASED = "released"  # the owner is gone; destroyed once the last call and pin are
+_DONE = "done"          # destroyed
+
+#: Objects with locks that a forked child must re-create (a thread of the parent may have held
+#: them at the fork): each has a ``_reinit_after_fork()`` method.
+_fork_registry: "weakref.WeakSet[Any]" = weakref.WeakSet()
 
 
-def locked(method: F) -> F:
-    """Run the method holding the object's ``_lock``: a ``close()`` on another thread then
-    cannot free the C object while this call uses it."""
+def reinit_after_fork(obj: Any) -> None:
+    """Have ``obj._reinit_after_fork()`` called in every child this process forks."""
+    _fork_registry.add(obj)
 
-    @functools.wraps(method)
-    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
-        with self._lock:
-            return method(self, *args, **kwargs)
+Teardown = Callable[[Any, bool], None]
 
-    return cast(F, wrapper)
+
+class Lifetime:
+    """The lifetime of one engine object (a memory, an IOMMU, a device, a table, pages).
+
+    * **Calls** enter it, after converting their arguments: ``with life as handle: ...``.
+      Entering raises ClosedError once the object is closed.  A *shared* object (one whose
+      engine side has its own locks) counts its calls in flight; an *exclusive* one (a table,
+      whose engine side is not thread-safe) also takes its mutex, so its calls run one at a
+      time.  A call that uses several objects enters them in one order: memory, IOMMU,
+      device, table.  Entering never waits for a close.
+    * **Pins** are dependents whose engine side points at this one (a device on a memory):
+      while pinned, the object is not destroyed and ``close()`` refuses with BusyError.
+    * ``close()`` is idempotent, also when threads race on it (the later ones wait for the
+      first).  It refuses with BusyError when called from inside a call on the same object on
+      the same thread (a callback), while pinned, or when its ``prepare`` step raises;
+      otherwise no new call may enter, it waits for the calls in flight, then runs the
+      teardown.
+    * ``release()`` is for the owner's safety net (garbage collection, interpreter exit): it
+      never waits and never raises; the teardown runs once no call is in flight and no pin is
+      held, by whichever of the releaser, the last call or the last pin comes last.
+    * ``hold()`` lets an exclusive object's dependents use it for their own teardown (a DMA
+      mapping undoing itself on its table) whatever its state: it takes the mutex, and the
+      dependent checks its own state first.
+
+    The teardown runs exactly once, as ``teardown(handle, by_owner)``: ``by_owner`` is True for
+    ``close()`` and False when the owner was dropped without closing.
+    """
+
+    __slots__ = ("what", "handle", "_teardown", "_cond", "_state", "_calls", "_callers",
+                 "_pins", "_mutex", "_holder", "__weakref__")
+
+    def __init__(self, what: str, handle: Any, teardown: Teardown, *,
+                 exclusive: bool = False) -> None:
+        self.what = what
+        self.handle = handle
+        self._teardown = teardown
+        self._cond = threading.Condition(threading.Lock())
+        self._state = _OPEN
+        self._calls = 0                      # calls in flight, and hold()s
+        self._callers: Dict[int, int] = {}   # thread -> calls it has in flight
+        self._pins: "Counter[str]" = Counter()
+        self._mutex: Optional[threading.Lock] = threading.Lock() if exclusive else None
+        self._holder: Optional[int] = None   # the thread holding the mutex
+        _fork_registry.add(self)
+
+    # -- state ------------------------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        """True once no new call may enter (closing, closed or released)."""
+        return self._state is not _OPEN
+
+    @property
+    def destroyed(self) -> bool:
+        return self._state is _DONE
+
+    def pinned_by(self) -> str:
+        """The dependents, for messages: ``"2 Pages, 1 Device"``."""
+        with self._cond:
+            return ", ".join(f"{count} {kind}" for kind, count in sorted(self._pins.items())
+                             if count)
+
+    # -- calls ------------------------------------------------------------------------
+    def __enter__(self) -> Any:
+        tid = threading.get_ident()
+        mutex = self._mutex
+        if mutex is not None:
+            if self._holder == tid:
+                raise BusyError(f"{self.what} is already in use by a call on this thread "
+                                f"(a callback re-entering it)")
+            mutex.acquire()
+        with self._cond:
+            if self._state is _OPEN:
+                self._calls += 1
+                self._callers[tid] = self._callers.get(tid, 0) + 1
+                if mutex is not None:
+                    self._holder = tid
+                return self.handle
+            # Closed.  An exclusive object released while this thread waited for its mutex
+            # is this thread's to tear down (see release()).
+            run = self._take_teardown()
+        try:
+            if run:
+                self._run_teardown(False)
+        finally:
+            if mutex is not None:
+                mutex.release()
+        raise ClosedError(f"{self.what} is closed")
+
+    def __exit__(self, *exc: object) -> None:
+        tid = threading.get_ident()
+        with self._cond:
+            self._calls -= 1
+            depth = self._callers[tid] - 1
+            if depth:
+                self._callers[tid] = depth
+            else:
+                del self._callers[tid]
+            if self._mutex is not None:
+                self._holder = None
+            run = self._take_teardown()
+            self._cond.notify_all()
+        try:
+            if run:
+                self._run_teardown(False)
+        finally:
+            if self._mutex is not None:
+                self._mutex.release()
+
+    def hold(self) -> "_Hold":
+        """For an exclusive object's dependents: take its mutex whatever its state."""
+        return _Hold(self)
+
+    # -- pins -------------------------------------------------------------------------
+    def pin(self, kind: str) -> None:
+        """A dependent of ``kind`` now points at this object.  ClosedError once closed
+        (calls already in flight may still pin while a close waits for them)."""
+        with self._cond:
+            if self._state is not _OPEN and self._state is not _CLOSING:
+                raise ClosedError(f"{self.what} is closed")
+            self._pins[kind] += 1
+
+    def unpin(self, kind: str) -> None:
+        with self._cond:
+            self._pins[kind] -= 1
+            if not self._pins[kind]:
+                del self._pins[kind]
+            run = self._take_teardown(need_mutex=True)
+            self._cond.notify_all()
+        if run:
+            try:
+                self._run_teardown(False)
+            finally:
+                if self._mutex is not None:
+                    self._mutex.release()
+
+    # -- ending -----------------------------------------------------------------------
+    def close(self, prepare: Optional[Callable[[Any], None]] = None) -> bool:
+        """Close: refuse, or wait for the calls in flight and tear down.  ``prepare`` runs
+        once no call is in flight and none can start, before the teardown: it may raise to
+        refuse (the object stays open) or do the owner's part of the closing.  Returns True
+        when this call did the teardown (False: it was already closed or released)."""
+        tid = threading.get_ident()
+        with self._cond:
+            while True:
+                if self._state is _DONE or self._state is _RELEASED:
+                    return False
+                if tid in self._callers:
+                    raise BusyError(f"{self.what}.close() was called from inside a call on "
+                                    f"the same object (a callback?): that call would go on "
+                                    f"with freed memory")
+                if self._state is _OPEN:
+                    break
+                self._cond.wait()  # another thread is closing it: wait for the outcome
+            self._refuse_if_pinned()
+            self._state = _CLOSING
+            while self._calls and self._mutex is None:
+                self._cond.wait()
+        if self._mutex is not None:
+            self._mutex.acquire()  # the call in flight, if any, finishes first
+            self._holder = tid
+        try:
+            with self._cond:
+                self._refuse_if_pinned()  # calls that were in flight may have pinned it
+            if prepare is not None:
+                prepare(self.handle)
+            self._teardown(self.handle, True)
+        except BaseException:
+            with self._cond:
+                self._state = _OPEN
+                self._cond.notify_all()
+            raise
+        finally:
+            if self._mutex is not None:
+                self._holder = None
+                self._mutex.release()
+        with self._cond:
+            self._state = _DONE
+            self._cond.notify_all()
+        return True
+
+    def release(self) -> None:
+        """The owner was dropped without closing: tear down now if nothing uses the object,
+        else when the last call or pin goes.  Never waits, never raises."""
+        with self._cond:
+            if self._state is not _OPEN:
+                return
+            self._state = _RELEASED
+            run = self._take_teardown(need_mutex=True)
+        if run:
+            try:
+                self._run_teardown(False)
+            finally:
+                if self._mutex is not None:
+                    self._mutex.release()
+
+    # -- internals ----------------------------------------------------------------------
+    def _refuse_if_pinned(self) -> None:
+        if self._pins:
+            by = ", ".join(f"{count} {kind}" for kind, count in sorted(self._pins.items()))
+            raise BusyError(f"{self.what}.close: still in use by {by}; close them first")
+
+    def _take_teardown(self, need_mutex: bool = False) -> bool:
+        """Under the condition: True (and the state becomes done) when this thread must run
+        a released object's teardown now.  With ``need_mutex`` the caller does not hold an
+        exclusive object's mutex, and gets it here without waiting (a holder that exists
+        will run the teardown when it leaves)."""
+        if self._state is not _RELEASED or self._calls or self._pins:
+            return False
+        if need_mutex and self._mutex is not None and not self._mutex.acquire(blocking=False):
+            return False
+        self._state = _DONE
+        return True
+
+    def _run_teardown(self, by_owner: bool) -> None:
+        try:
+            self._teardown(self.handle, by_owner)
+        except BaseException as exc:  # noqa: BLE001 - a safety net must not fail its caller
+            _report_unraisable(exc, f"the safety net of {self.what}")
+
+    def _reinit_after_fork(self) -> None:
+        """In a forked child: the threads that held locks or had calls in flight are gone."""
+        self._cond = threading.Condition(threading.Lock())
+        if self._mutex is not None:
+            self._mutex = threading.Lock()
+        self._holder = None
+        self._calls = 0
+        self._callers = {}
+        if self._state is _CLOSING:
+            self._state = _OPEN  # its closer was another thread: the child may close it
+
+
+class _Hold:
+    """``Lifetime.hold()``: the mutex of an exclusive object, counted like a call."""
+
+    __slots__ = ("_life",)
+
+    def __init__(self, life: Lifetime) -> None:
+        self._life = life
+
+    def __enter__(self) -> Any:
+        life = self._life
+        tid = threading.get_ident()
+        if life._mutex is not None:
+            if life._holder == tid:
+                raise BusyError(f"{life.what} is already in use by a call on this thread")
+            life._mutex.acquire()
+        with life._cond:
+            life._calls += 1
+            life._callers[tid] = life._callers.get(tid, 0) + 1
+            if life._mutex is not None:
+                life._holder = tid
+        return life.handle
+
+    def __exit__(self, *exc: object) -> None:
+        self._life.__exit__()
+
+
+def _report_unraisable(exc: BaseException, where: str) -> None:
+    """Hand a failure that has no caller to report to (a safety net running at garbage
+    collection, or on behalf of another call) to ``sys.unraisablehook``, as Python does for an
+    exception in ``__del__``: printed by default, turned into a warning by pytest."""
+
+    class _SafetyNet:
+        def __repr__(self) -> str:
+            return where
+
+        def __del__(self) -> None:
+            raise exc
+
+    _SafetyNet()
+
+
+def _reinit_all_after_fork() -> None:
+    for obj in list(_fork_registry):
+        obj._reinit_after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reinit_all_after_fork)
+
+
+__all__ = ["require_int", "require_range", "as_pfn_view", "PfnsLike", "Lifetime",
+           "reinit_after_fork"]

@@ -14,7 +14,12 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Sequence
 
 from ._engine import get_engine
+from .constants import DMA_BIT_MASK, U64_MAX, DataDirection
+from .device import Device
+from .dma import dma_map_sgtable, dma_unmap_sgtable
+from .iommu import Iommu
 from .memory import PhysicalMemory
+from .sgtable import SGTable
 from .table import alloc_table_from_pages
 
 LAYOUTS = ("contiguous", "scattered", "random")
@@ -92,10 +97,6 @@ def bench_dma(sizes: Sequence[int] = DEFAULT_SIZES, engines: Sequence[str] = ("n
       block, entries merged into 64 KiB segments);
     - ``map+unmap direct``: the same without an IOMMU (one DMA segment per entry);
     - ``read 1MiB iommu``: one device read of 1 MiB through the IOMMU (256 pages)."""
-    from .device import DMA_BIT_MASK, Device, dma_map_sgtable, dma_unmap_sgtable
-    from .iommu import Iommu
-    from .table import DataDirection
-
     results = []
     to_device = DataDirection.TO_DEVICE
     for n_pages in sizes:
@@ -182,14 +183,9 @@ def soak(cycles: int, engine: str = "native", report_every: int = 10_000,
     """``cycles`` times: allocate pages, build and map an owned SGTable for a device behind an
     IOMMU, write and read through the device, close (unmap, free entries, free pages).
     Returns the resident size sampled every ``report_every`` cycles."""
-    from .device import Device
-    from .iommu import Iommu
-    from .sgtable import SGTable
-    from .table import DataDirection
-
     samples: List[int] = []
     with PhysicalMemory(1 << 30, engine=engine) as mem, Iommu(mem) as iommu, \
-            Device(mem, iommu=iommu, dma_mask=(1 << 64) - 1) as dev:
+            Device(mem, iommu=iommu, dma_mask=U64_MAX) as dev:
         payload = bytes(range(256)) * 16
         for cycle in range(1, cycles + 1):
             pages = mem.alloc_pages(1 + cycle % 16, "random", seed=cycle)

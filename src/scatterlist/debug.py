@@ -3,7 +3,9 @@
 Modes: ``"off"`` (nothing recorded, no cost), ``"warn"`` (a :class:`DmaApiWarning` through
 :mod:`warnings`) and ``"raise"`` (:class:`DmaApiError`, and the call changes nothing).  Set the
 global mode with :func:`set_mode` (or ``SCATTERLIST_DMA_DEBUG``); a device's own mode
-(``Device(..., debug="raise")``) overrides it.
+(``Device(..., debug="raise")``) overrides it.  In ``warn`` mode the state a call leaves is the
+same whatever the warning filters do: a warning turned into an exception (``-W error``) is
+raised after the call has mapped or unmapped, as it would have with warnings off.
 
 Every mapping made while debugging is on is recorded with its device, DMA address and size of
 each segment, direction, the entry counts passed and mapped, and the Python traceback of the
@@ -18,7 +20,15 @@ map call.  Reports use the kernel's wording and name the rule broken:
 - ``map-segment-length`` (an entry longer than the device's ``max_segment_size``),
   ``map-segment-boundary`` (a segment across the device's boundary), ``map-overlap`` (a
   device-writable mapping of a cacheline already mapped so);
-- ``unbind-pending``: mappings still live when the device unbinds, each with its traceback.
+- ``map-padding-exposure``: iommu-dma pads the entry before a segment that would cross the
+  device's boundary, so the IOMMU maps physical memory after that entry, outside the table:
+  the report names the exposed physical range (the kernel does this; it does not report it);
+- ``unbind-pending``: mappings still live when the device unbinds, each with its traceback;
+- ``leak``: a table dropped while still mapped (garbage-collected without unmap or close).
+
+This module knows devices only through :class:`DebugTarget`: a name and a debug mode.  The
+DMA layer (``scatterlist.dma``) runs the checks, makes its state change, then delivers the
+findings with :func:`deliver`, outside every lock.
 """
 
 from __future__ import annotations
@@ -29,17 +39,27 @@ import traceback
 import warnings
 import weakref
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Protocol, Sequence, Tuple
 
+from ._util import reinit_after_fork
+from .constants import U64_MAX, DataDirection
 from .errors import DmaApiError, DmaApiWarning, InvalidArgument
-
-if TYPE_CHECKING:
-    from .device import Device
 
 MODES = ("off", "warn", "raise")
 L1_CACHE_SHIFT = 6  # the cacheline size dma-debug tracks overlaps by (64 bytes)
 _DIRECTION_NAMES = {0: "DMA_BIDIRECTIONAL", 1: "DMA_TO_DEVICE", 2: "DMA_FROM_DEVICE",
                     3: "DMA_NONE"}
+
+
+class DebugTarget(Protocol):
+    """What the debug layer needs of a device."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def debug(self) -> Optional[str]:
+        """The device's own mode, or None to follow the global one."""
 
 
 def _mode_from_env() -> str:
@@ -49,7 +69,18 @@ def _mode_from_env() -> str:
     return mode
 
 
-_lock = threading.RLock()
+class _Locked:
+    """The module's lock, re-created in a forked child."""
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        reinit_after_fork(self)
+
+    def _reinit_after_fork(self) -> None:
+        self.lock = threading.RLock()
+
+
+_guard = _Locked()
 _global_mode = _mode_from_env()
 _error_count = 0
 
@@ -70,6 +101,10 @@ def check_mode(mode: str) -> str:
     return mode
 
 
+def mode_of(target: DebugTarget) -> str:
+    return target.debug or _global_mode
+
+
 def error_count() -> int:
     """Reports made since the process started (or :func:`reset_error_count`)."""
     return _error_count
@@ -77,7 +112,7 @@ def error_count() -> int:
 
 def reset_error_count() -> None:
     global _error_count
-    with _lock:
+    with _guard.lock:
         _error_count = 0
 
 
@@ -101,6 +136,15 @@ class DebugEntry:
                 f"[entries={self.sg_call_ents} mapped={self.sg_mapped_ents}]")
 
 
+@dataclass(frozen=True)
+class Finding:
+    """One misuse found by a check, to be delivered with :func:`deliver`."""
+
+    rule: str
+    message: str
+    entry: Optional[DebugEntry] = None  # the mapping it concerns, for its traceback
+
+
 class _DeviceRecords:
     """The live entries of one device, found by the DMA address of any of their segments."""
 
@@ -110,47 +154,51 @@ class _DeviceRecords:
         self.error_count = 0
 
 
-_records: "weakref.WeakKeyDictionary[Device, _DeviceRecords]" = weakref.WeakKeyDictionary()
+_records: "weakref.WeakKeyDictionary[DebugTarget, _DeviceRecords]" = weakref.WeakKeyDictionary()
 _active_cachelines: Dict[int, int] = {}
 
 
-def mode_of(device: "Device") -> str:
-    return device._debug_mode or _global_mode
-
-
-def _records_of(device: "Device") -> _DeviceRecords:
-    records = _records.get(device)
+def _records_of(target: DebugTarget) -> _DeviceRecords:
+    records = _records.get(target)
     if records is None:
-        records = _records[device] = _DeviceRecords()
+        records = _records[target] = _DeviceRecords()
     return records
 
 
-def report(device: "Device", rule: str, message: str, entry: Optional[DebugEntry] = None
-           ) -> None:
-    """Count and deliver one report in the device's mode."""
+def deliver(target: DebugTarget, findings: Sequence[Finding], stacklevel: int = 2) -> None:
+    """Count the findings and deliver them in the target's mode: DmaApiError for the first
+    in ``raise`` mode, one DmaApiWarning each in ``warn`` mode.  Call it once the state change
+    is made and no lock is held: a warning filter may run any code, or raise."""
     global _error_count
-    text = f"DMA-API: {device.name}: {message} [rule {rule}]"
-    if entry is not None:
-        text += "\nMapped at:\n" + entry.traceback
-    with _lock:
-        _error_count += 1
-        _records_of(device).error_count += 1
-    mode = mode_of(device)
+    if not findings:
+        return
+    with _guard.lock:
+        _error_count += len(findings)
+        _records_of(target).error_count += len(findings)
+    mode = mode_of(target)
+    texts = []
+    for finding in findings:
+        text = f"DMA-API: {target.name}: {finding.message} [rule {finding.rule}]"
+        if finding.entry is not None:
+            text += "\nMapped at:\n" + finding.entry.traceback
+        texts.append((finding.rule, text))
     if mode == "raise":
+        rule, text = texts[0]
         raise DmaApiError(text, rule=rule)
     if mode == "warn":
-        warnings.warn(DmaApiWarning(text), stacklevel=4)
+        for _, text in texts:
+            warnings.warn(DmaApiWarning(text), stacklevel=stacklevel + 1)
 
 
-def _require_device(device: object) -> None:
-    from .device import Device
-    if not isinstance(device, Device):
+def _require_target(device: object) -> None:
+    if not (isinstance(getattr(device, "name", None), str) and hasattr(device, "debug")):
         raise TypeError(f"device must be a Device, not {type(device).__name__}")
 
 
-def device_error_count(device: "Device") -> int:
-    _require_device(device)
-    with _lock:
+def device_error_count(device: DebugTarget) -> int:
+    """Reports made against one device."""
+    _require_target(device)
+    with _guard.lock:
         records = _records.get(device)
         return 0 if records is None else records.error_count
 
@@ -162,62 +210,96 @@ def _caller_traceback() -> str:
     return "".join(traceback.format_list(frames[-8:]))
 
 
-# -- hooks called by device.py ----------------------------------------------------------
+# -- checks (called by scatterlist.dma) -------------------------------------------------------
 
-def check_map(device: "Device", cpu_rows: List[Tuple[int, int, int]],
-              dma_rows: List[Tuple[int, int]], page_size: int, direction: int,
-              call_ents: int, mapped_ents: int) -> None:
-    """After a successful map: the per-segment checks of debug_dma_map_sg.  Raises in raise
-    mode (the caller then undoes the mapping)."""
-    max_seg = device.max_segment_size
-    boundary = device.seg_boundary_mask
+def _padding_exposures(cpu_rows: Sequence[Tuple[int, int, int]], page_size: int, granule: int,
+                      seg_boundary_mask: int) -> List[Tuple[int, int, int]]:
+    """Where iommu-dma's layout pads the entry before a segment that would cross the
+    boundary: ``(entry, phys, n_bytes)`` per padded entry, the physical range the IOMMU maps
+    after that entry's own granules (outside the table)."""
+    granule_mask = granule - 1
+    exposures = []
+    iova_len = 0
+    prev: Optional[Tuple[int, int]] = None  # (index, physical end of its granules)
+    for index, (pfn, offset, length) in enumerate(cpu_rows):
+        in_granule = offset & granule_mask
+        s_length = (length + in_granule + granule_mask) & ~granule_mask
+        pad_len = (seg_boundary_mask - iova_len + 1) & seg_boundary_mask
+        if pad_len and pad_len < s_length - 1 and prev is not None:
+            exposures.append((prev[0], prev[1], pad_len))
+            iova_len += pad_len
+        iova_len += s_length
+        phys_start = pfn * page_size + offset - in_granule
+        prev = (index, phys_start + s_length)
+    return exposures
+
+
+def check_map(cpu_rows: Sequence[Tuple[int, int, int]], dma_rows: Sequence[Tuple[int, int]],
+              page_size: int, direction: int, mapped_ents: int, *, max_segment_size: int,
+              seg_boundary_mask: int, granule: Optional[int]) -> List[Finding]:
+    """After a successful map: the per-segment checks of debug_dma_map_sg, and the padding
+    exposure of an IOMMU mapping (``granule`` None for direct mapping)."""
+    findings = []
     for index in range(mapped_ents):
-        pfn, offset, length = cpu_rows[index]
-        if length > max_seg:
-            report(device, "map-segment-length",
-                   f"mapping sg segment longer than device claims to support [len={length}] "
-                   f"[max={max_seg}]")
+        length = cpu_rows[index][2]
+        if length > max_segment_size:
+            findings.append(Finding(
+                "map-segment-length",
+                f"mapping sg segment longer than device claims to support [len={length}] "
+                f"[max={max_segment_size}]"))
         start, dma_len = dma_rows[index]
         end = start + dma_len - 1
-        if (start ^ end) & ~boundary & ((1 << 64) - 1):
-            report(device, "map-segment-boundary",
-                   f"mapping sg segment across boundary [start={start:#018x}] "
-                   f"[end={end:#018x}] [boundary={boundary:#018x}]")
-    if direction != 1:  # DMA_TO_DEVICE mappings are not tracked for overlaps
-        for index in range(mapped_ents):
-            pfn, offset, _ = cpu_rows[index]
-            line = (pfn * page_size + offset) >> L1_CACHE_SHIFT
-            if _active_cachelines.get(line):
-                report(device, "map-overlap",
-                       "cacheline tracking EEXIST, overlapping mappings aren't supported "
-                       f"[cacheline={line:#x}]")
+        if (start ^ end) & ~seg_boundary_mask & U64_MAX:
+            findings.append(Finding(
+                "map-segment-boundary",
+                f"mapping sg segment across boundary [start={start:#018x}] [end={end:#018x}] "
+                f"[boundary={seg_boundary_mask:#018x}]"))
+    if granule is not None:
+        for index, phys, n_bytes in _padding_exposures(cpu_rows, page_size, granule,
+                                                      seg_boundary_mask):
+            findings.append(Finding(
+                "map-padding-exposure",
+                f"boundary padding after sg entry {index} maps physical memory outside the "
+                f"table [phys={phys:#x}-{phys + n_bytes - 1:#x}] [size={n_bytes} bytes] "
+                f"[boundary={seg_boundary_mask:#018x}]"))
+    if direction != DataDirection.TO_DEVICE:  # TO_DEVICE mappings are not tracked for overlaps
+        with _guard.lock:
+            for index in range(mapped_ents):
+                pfn, offset, _ = cpu_rows[index]
+                line = (pfn * page_size + offset) >> L1_CACHE_SHIFT
+                if _active_cachelines.get(line):
+                    findings.append(Finding(
+                        "map-overlap",
+                        "cacheline tracking EEXIST, overlapping mappings aren't supported "
+                        f"[cacheline={line:#x}]"))
+    return findings
 
 
-def record_map(device: "Device", cpu_rows: List[Tuple[int, int, int]],
-               dma_rows: List[Tuple[int, int]], page_size: int, direction: int,
+def record_map(target: DebugTarget, cpu_rows: Sequence[Tuple[int, int, int]],
+               dma_rows: Sequence[Tuple[int, int]], page_size: int, direction: int,
                call_ents: int, mapped_ents: int) -> DebugEntry:
     segments = [(dma_rows[i][0], dma_rows[i][1], cpu_rows[i][0] * page_size + cpu_rows[i][1])
                 for i in range(mapped_ents)]
-    entry = DebugEntry(device.name, segments, direction, call_ents, mapped_ents,
+    entry = DebugEntry(target.name, segments, direction, call_ents, mapped_ents,
                        _caller_traceback())
-    with _lock:
-        records = _records_of(device)
+    with _guard.lock:
+        records = _records_of(target)
         records.entries.append(entry)
         for addr, _, _ in segments:
             records.by_address[addr] = entry
-        if direction != 1:
+        if direction != DataDirection.TO_DEVICE:
             entry.cachelines = [paddr >> L1_CACHE_SHIFT for _, _, paddr in segments]
             for line in entry.cachelines:
                 _active_cachelines[line] = _active_cachelines.get(line, 0) + 1
     return entry
 
 
-def forget(device: "Device", entry: Optional[DebugEntry]) -> None:
+def forget(target: DebugTarget, entry: Optional[DebugEntry]) -> None:
     """The mapping is gone: drop its record."""
     if entry is None:
         return
-    with _lock:
-        records = _records_of(device)
+    with _guard.lock:
+        records = _records_of(target)
         if entry in records.entries:
             records.entries.remove(entry)
         for addr, _, _ in entry.segments:
@@ -231,55 +313,64 @@ def forget(device: "Device", entry: Optional[DebugEntry]) -> None:
                 _active_cachelines.pop(line, None)
 
 
-def _find(device: "Device", dev_addr: int) -> Optional[DebugEntry]:
-    with _lock:
-        records = _records.get(device)
+def _find(target: DebugTarget, dev_addr: int) -> Optional[DebugEntry]:
+    with _guard.lock:
+        records = _records.get(target)
         return None if records is None else records.by_address.get(dev_addr)
 
 
-def check_unmap(device: "Device", dma_rows: List[Tuple[int, int]], direction: int,
-                call_ents: int, others: Iterable["Device"]) -> Optional[DebugEntry]:
-    """check_unmap for the first segment's entry; returns it when found.  ``others`` are the
-    devices to blame when the address belongs to another one."""
+def _owner_of(dev_addr: int, besides: DebugTarget) -> Optional[str]:
+    with _guard.lock:
+        targets = [target for target in _records.keys() if target is not besides]
+    return next((target.name for target in targets if _find(target, dev_addr) is not None),
+                None)
+
+
+def check_unmap(target: DebugTarget, dma_rows: Sequence[Tuple[int, int]], direction: int,
+                call_ents: int) -> List[Finding]:
+    """check_unmap for the first segment's entry."""
     dev_addr, size = dma_rows[0] if dma_rows else (0, 0)
-    entry = _find(device, dev_addr)
+    entry = _find(target, dev_addr)
     if entry is None:
-        owner = next((other.name for other in others if _find(other, dev_addr) is not None),
-                     None)
+        owner = _owner_of(dev_addr, target)
         extra = f" (it is mapped by device {owner!r})" if owner else ""
-        report(device, "unmap-not-mapped",
-               "device driver tries to free DMA memory it has not allocated "
-               f"[device address={dev_addr:#018x}] [size={size} bytes]{extra}")
-        return None
+        return [Finding("unmap-not-mapped",
+                        "device driver tries to free DMA memory it has not allocated "
+                        f"[device address={dev_addr:#018x}] [size={size} bytes]{extra}")]
+    findings = []
     for index in range(min(entry.sg_mapped_ents, len(dma_rows))):
-        map_addr, map_size, _ = entry.segments[index]
+        _, map_size, _ = entry.segments[index]
         unmap_addr, unmap_size = dma_rows[index]
         if unmap_size != map_size:
-            report(device, "unmap-size",
-                   f"device driver frees DMA memory with different size [device address="
-                   f"{unmap_addr:#018x}] [map size={map_size} bytes] [unmap size={unmap_size} "
-                   f"bytes]", entry)
+            findings.append(Finding(
+                "unmap-size",
+                f"device driver frees DMA memory with different size [device address="
+                f"{unmap_addr:#018x}] [map size={map_size} bytes] [unmap size={unmap_size} "
+                f"bytes]", entry))
             break
     if call_ents != entry.sg_call_ents:
-        report(device, "unmap-entry-count",
-               "device driver frees DMA sg list with different entry count [map count="
-               f"{entry.sg_call_ents}] [unmap count={call_ents}]", entry)
+        findings.append(Finding(
+            "unmap-entry-count",
+            "device driver frees DMA sg list with different entry count [map count="
+            f"{entry.sg_call_ents}] [unmap count={call_ents}]", entry))
     if direction != entry.direction:
-        report(device, "unmap-direction",
-               f"device driver frees DMA memory with different direction [device address="
-               f"{dev_addr:#018x}] [size={size} bytes] [mapped with "
-               f"{_DIRECTION_NAMES[entry.direction]}] [unmapped with "
-               f"{_DIRECTION_NAMES.get(direction, str(direction))}]", entry)
-    return entry
+        findings.append(Finding(
+            "unmap-direction",
+            f"device driver frees DMA memory with different direction [device address="
+            f"{dev_addr:#018x}] [size={size} bytes] [mapped with "
+            f"{_DIRECTION_NAMES[entry.direction]}] [unmapped with "
+            f"{_DIRECTION_NAMES.get(direction, str(direction))}]", entry))
+    return findings
 
 
-def check_sync(device: "Device", ranges: List[Tuple[int, int]], direction: int,
-               call_ents: Optional[int], to_cpu: bool) -> None:
+def check_sync(target: DebugTarget, ranges: Iterable[Tuple[int, int]], direction: int,
+               call_ents: Optional[int], for_cpu: bool) -> List[Finding]:
     """check_sync for each range (dev_addr, size); call_ents is None for single syncs."""
+    findings = []
     for dev_addr, size in ranges:
         entry, seg_size, seg_addr = None, 0, 0
-        with _lock:
-            records = _records.get(device)
+        with _guard.lock:
+            records = _records.get(target)
             for candidate in (records.entries if records else []):
                 for addr, length, _ in candidate.segments:
                     if addr <= dev_addr < addr + max(length, 1):
@@ -288,64 +379,80 @@ def check_sync(device: "Device", ranges: List[Tuple[int, int]], direction: int,
                 if entry:
                     break
         if entry is None:
-            report(device, "sync-not-mapped",
-                   "device driver tries to sync DMA memory it has not allocated "
-                   f"[device address={dev_addr:#018x}] [size={size} bytes]")
+            findings.append(Finding(
+                "sync-not-mapped",
+                "device driver tries to sync DMA memory it has not allocated "
+                f"[device address={dev_addr:#018x}] [size={size} bytes]"))
             continue
         if dev_addr + size > seg_addr + seg_size:
-            report(device, "sync-outside",
-                   "device driver syncs DMA memory outside allocated range [device address="
-                   f"{dev_addr:#018x}] [allocation size={seg_size} bytes] [sync offset+size="
-                   f"{dev_addr - seg_addr + size}]", entry)
-        if entry.direction != 0:
+            findings.append(Finding(
+                "sync-outside",
+                "device driver syncs DMA memory outside allocated range [device address="
+                f"{dev_addr:#018x}] [allocation size={seg_size} bytes] [sync offset+size="
+                f"{dev_addr - seg_addr + size}]", entry))
+        if entry.direction != DataDirection.BIDIRECTIONAL:
             if direction != entry.direction:
-                report(device, "sync-direction",
-                       "device driver syncs DMA memory with different direction [device "
-                       f"address={dev_addr:#018x}] [size={size} bytes] [mapped with "
-                       f"{_DIRECTION_NAMES[entry.direction]}] [synced with "
-                       f"{_DIRECTION_NAMES.get(direction, str(direction))}]", entry)
-            if to_cpu and entry.direction != 2 and direction != 1:
-                report(device, "sync-read-only",
-                       "device driver syncs device read-only DMA memory for cpu [device "
-                       f"address={dev_addr:#018x}] [size={size} bytes]", entry)
-            if not to_cpu and entry.direction != 1 and direction != 2:
-                report(device, "sync-write-only",
-                       "device driver syncs device write-only DMA memory to device [device "
-                       f"address={dev_addr:#018x}] [size={size} bytes]", entry)
+                findings.append(Finding(
+                    "sync-direction",
+                    "device driver syncs DMA memory with different direction [device "
+                    f"address={dev_addr:#018x}] [size={size} bytes] [mapped with "
+                    f"{_DIRECTION_NAMES[entry.direction]}] [synced with "
+                    f"{_DIRECTION_NAMES.get(direction, str(direction))}]", entry))
+            if (for_cpu and entry.direction != DataDirection.FROM_DEVICE
+                    and direction != DataDirection.TO_DEVICE):
+                findings.append(Finding(
+                    "sync-read-only",
+                    "device driver syncs device read-only DMA memory for cpu [device "
+                    f"address={dev_addr:#018x}] [size={size} bytes]", entry))
+            if (not for_cpu and entry.direction != DataDirection.TO_DEVICE
+                    and direction != DataDirection.FROM_DEVICE):
+                findings.append(Finding(
+                    "sync-write-only",
+                    "device driver syncs device write-only DMA memory to device [device "
+                    f"address={dev_addr:#018x}] [size={size} bytes]", entry))
         if call_ents is not None and call_ents != entry.sg_call_ents:
-            report(device, "sync-entry-count",
-                   "device driver syncs DMA sg list with different entry count [map count="
-                   f"{entry.sg_call_ents}] [sync count={call_ents}]", entry)
+            findings.append(Finding(
+                "sync-entry-count",
+                "device driver syncs DMA sg list with different entry count [map count="
+                f"{entry.sg_call_ents}] [sync count={call_ents}]", entry))
         if call_ents is not None:
             break  # one check per entry count is enough for an sg sync
+    return findings
 
 
-def check_unbind(device: "Device") -> None:
-    """Mappings still live when the device unbinds: one report listing each with its
+def check_unbind(target: DebugTarget) -> List[Finding]:
+    """Mappings still live when the device unbinds: one finding listing each with its
     traceback."""
-    with _lock:
-        records = _records.get(device)
+    with _guard.lock:
+        records = _records.get(target)
         pending = list(records.entries) if records else []
     if not pending:
-        return
+        return []
     details = "\n".join(f"  {entry.describe()}\n  Mapped at:\n" +
                         "".join("    " + line + "\n" for line in entry.traceback.splitlines())
                         for entry in pending)
-    report(device, "unbind-pending",
-           f"device driver has pending DMA allocations while released from device "
-           f"[count={len(pending)}]\n{details}")
+    return [Finding("unbind-pending",
+                    f"device driver has pending DMA allocations while released from device "
+                    f"[count={len(pending)}]\n{details}")]
 
 
-def dump(device: Optional["Device"] = None) -> List[DebugEntry]:
+def leak(what: str, entry: DebugEntry) -> Finding:
+    """A mapped table dropped without unmap or close (found by its safety net)."""
+    return Finding("leak", f"{what} dropped while DMA-mapped: the safety net unmapped it "
+                           f"{entry.describe()}", entry)
+
+
+def dump(device: Optional[DebugTarget] = None) -> List[DebugEntry]:
     """The live recorded mappings (of one device, or of all)."""
     if device is not None:
-        _require_device(device)
-    with _lock:
+        _require_target(device)
+    with _guard.lock:
         if device is not None:
             records = _records.get(device)
             return list(records.entries) if records else []
         return [entry for records in _records.values() for entry in records.entries]
 
 
-__all__ = ["MODES", "DebugEntry", "DmaApiError", "DmaApiWarning", "set_mode", "get_mode",
-           "error_count", "reset_error_count", "dump", "device_error_count"]
+__all__ = ["MODES", "DebugEntry", "DebugTarget", "Finding", "DmaApiError", "DmaApiWarning",
+           "set_mode", "get_mode", "error_count", "reset_error_count", "dump",
+           "device_error_count"]

@@ -1,76 +1,182 @@
-"""Devices, DMA mapping of tables, and device-side memory access.
+"""Devices, their DMA mappings (the mapping record and Devres), and device-side memory access.
 
 A :class:`Device` is what a driver sees: its memory, its IOMMU (or none: direct mapping, DMA
-address = physical address) and its limits.  It starts bound, as after a driver's probe.
-Resources registered against it (the mappings of owned ``SGTable`` objects) are released at
-:meth:`Device.unbind`, in reverse order, exactly once: the kernel's Devres.
+address = physical address) and its limits.  It starts bound, as after a driver's probe.  The
+mappings of owned ``SGTable`` objects are registered against it (the kernel's Devres) and
+released at :meth:`Device.unbind`, newest first, exactly once.  The ``dma_*`` functions that
+make and undo mappings are in :mod:`scatterlist.dma`.
 """
 
 from __future__ import annotations
 
 import errno
 import threading
+import warnings
 import weakref
-from contextlib import contextmanager
-from typing import Any, Callable, Iterator, List, Optional, Union
+from typing import Any, Callable, ContextManager, Dict, List, Optional, Protocol, Tuple, Union
 
-from . import debug
-from . import debug as debug_module
-from ._util import locked, require_range
-from .errors import BusyError, ClosedError, DmaApiError, InvalidArgument, Reason, error_for
+from . import debug as dma_debug
+from ._engine import DeviceLimits, Engine
+from ._util import Lifetime, require_range
+from .constants import IOMMU_READ, IOMMU_WRITE, U32_MAX, U64_MAX, DMA_BIT_MASK
+from .errors import BusyError, ClosedError, InvalidArgument, OutOfMemory, Reason, error_for
 from .iommu import Iommu
 from .memory import PhysicalMemory
-from .table import DataDirection, RawTable, _Mapping
+from .table import RawTable, TableState
 
-_U64_MAX = (1 << 64) - 1
-
-
-def DMA_BIT_MASK(bits: int) -> int:
-    """The kernel's ``DMA_BIT_MASK(n)``: the highest address an n-bit device can generate."""
-    bits = require_range("bits", bits, 1, 64)
-    return (1 << bits) - 1
+#: Reads larger than this are checked against the mapping before their buffer is allocated.
+_CHECK_BEFORE_ALLOCATING = 1 << 20
 
 
-def _low_bits_mask(name: str, value: int, minimum: int) -> int:
-    value = require_range(name, value, 0, _U64_MAX)
-    if value & (value + 1) or value < minimum:
-        raise InvalidArgument(f"{name}={value:#x} must be 2**n - 1 and at least {minimum:#x}")
-    return value
+def check_limits(page_size: int, dma_mask: object, max_segment_size: object,
+                 seg_boundary_mask: object, max_mapping_size: object) -> DeviceLimits:
+    """The device limits as ints, checked as the engines check them (same reasons)."""
+    smallest = page_size - 1
+    mask = require_range("dma_mask", dma_mask, 0, U64_MAX)
+    if mask & (mask + 1) or mask < smallest:
+        raise error_for(errno.EINVAL, Reason.DEVICE_DMA_MASK, value=mask, limit=smallest)
+    max_segment = require_range("max_segment_size", max_segment_size, 0, U64_MAX)
+    if not 1 <= max_segment <= U32_MAX:
+        raise error_for(errno.EINVAL, Reason.DEVICE_MAX_SEGMENT, value=max_segment)
+    boundary = require_range("seg_boundary_mask", seg_boundary_mask, 0, U64_MAX)
+    if boundary & (boundary + 1) or boundary < smallest:
+        raise error_for(errno.EINVAL, Reason.DEVICE_SEG_BOUNDARY, value=boundary,
+                        limit=smallest)
+    max_mapping = require_range("max_mapping_size", max_mapping_size, 0, U64_MAX)
+    return DeviceLimits(mask, max_segment, boundary, max_mapping)
 
 
-class _Devres:
-    """A resource released when its device unbinds, or earlier by its owner: exactly once."""
+class Mapping:
+    """One live DMA mapping of a table for a device: what undoing it takes, and whether that
+    happened.  It is attached to its table (which undoes it before freeing its entries) and
+    registered with its device (which undoes the owned ones at unbind, and all of them if the
+    device is collected first); whichever comes first undoes it, once, under the table's
+    mutex.  It holds the device, so the device outlives it."""
 
-    __slots__ = ("_release", "_done", "_lock", "_anchor", "__weakref__")
+    __slots__ = ("device", "table", "direction", "map_nents", "devres", "live", "revoked",
+                 "debug_entry", "__weakref__")
 
-    def __init__(self, release: Callable[[], bool], anchor: Optional[object] = None) -> None:
-        self._release = release
-        self._done = False
-        self._lock = threading.Lock()
-        # The resource itself, held weakly: once it is gone the entry can be dropped.
-        self._anchor = None if anchor is None else weakref.ref(anchor)
-
-    @property
-    def stale(self) -> bool:
-        return self._done or (self._anchor is not None and self._anchor() is None)
-
-    def revoke(self) -> bool:
-        """Release now unless already released; True if this call released something (the
-        owner may have released the resource itself a moment before)."""
-        with self._lock:
-            if self._done:
-                return False
-            self._done = True
-        return self._release()
-
-    def disarm(self) -> None:
-        """The owner released the resource itself: unbind must not run the release."""
-        with self._lock:
-            self._done = True
+    def __init__(self, device: "Device", table: TableState, direction: int, map_nents: int,
+                 devres: bool) -> None:
+        self.device = device
+        self.table = table
+        self.direction = direction
+        self.map_nents = map_nents
+        self.devres = devres        # an owned SGTable's: revoked at unbind
+        self.live = True
+        self.revoked = False        # undone by device unbind rather than by its owner
+        self.debug_entry: Optional[dma_debug.DebugEntry] = None
 
     @property
-    def revoked(self) -> bool:
-        return self._done
+    def device_name(self) -> str:
+        return self.device.name
+
+    def finish(self, *, revoked: bool = False) -> Optional[dma_debug.DebugEntry]:
+        """Bookkeeping once the engine has unmapped (the caller holds the table's mutex):
+        the table's entries and iterators go stale; returns the forgotten debug record."""
+        self.live = False
+        self.revoked = revoked
+        self.table.mapping = None
+        self.table.changed("its DMA mapping was revoked by device unbind" if revoked
+                           else "it was DMA-unmapped")
+        self.device._state.forget(self)
+        entry, self.debug_entry = self.debug_entry, None
+        dma_debug.forget(self.device, entry)
+        return entry
+
+    def end(self, table_handle: Any, *, revoked: bool = False,
+            leaked: Optional[str] = None) -> Optional[Callable[[], None]]:
+        """Unmap with the map's own arguments, unless already done (the caller holds the
+        table's mutex).  ``leaked`` names the owner dropped without closing; the returned
+        report then warns (ResourceWarning) and, with dma-debug on, reports the leak."""
+        if not self.live:
+            return None
+        device = self.device
+        device._engine.dma_unmap(device._state.life.handle, table_handle, self.direction,
+                                 self.map_nents)
+        entry = self.finish(revoked=revoked)
+        if leaked is None:
+            return None
+
+        def report() -> None:
+            warnings.warn(f"{leaked} dropped while DMA-mapped for device {device.name!r}: "
+                          f"its safety net unmapped it; unmap or close it yourself",
+                          ResourceWarning, stacklevel=2)
+            if entry is not None and dma_debug.mode_of(device) != "off":
+                dma_debug.deliver(device, [dma_debug.leak(leaked, entry)])
+
+        return report
+
+
+class _DeviceState:
+    """What a device's calls and its teardown share, without a reference to the ``Device``
+    (so that a dropped device can be collected): its lifetime, the lifetimes it pins, and its
+    live mappings (``lock`` guards them and the bound state's changes)."""
+
+    def __init__(self, engine: Engine, name: str, handle: Any, memory_life: Lifetime,
+                 iommu_life: Optional[Lifetime]) -> None:
+        self.engine = engine
+        self.memory_life = memory_life
+        self.iommu_life = iommu_life
+        self.lock = threading.Lock()
+        self.limits_lock = threading.Lock()
+        self.mappings: Dict[int, Mapping] = {}   # id -> mapping, oldest first
+        self.life = Lifetime(f"Device {name!r}", handle, self._teardown)
+
+    def register(self, mapping: Mapping) -> None:
+        """Record a new mapping.  An owned (Devres) one needs the device bound, checked
+        against unbind under the lock: DeviceUnbound (the caller undoes the map)."""
+        with self.lock:
+            if mapping.devres and not self.engine.device_bound(self.life.handle):
+                raise error_for(errno.ENODEV, Reason.DEVICE_UNBOUND)
+            self.mappings[id(mapping)] = mapping
+
+    def forget(self, mapping: Mapping) -> None:
+        with self.lock:
+            self.mappings.pop(id(mapping), None)
+
+    def live(self, *, devres: Optional[bool] = None) -> List[Mapping]:
+        with self.lock:
+            return [m for m in self.mappings.values()
+                    if m.live and (devres is None or m.devres == devres)]
+
+    def set_bound(self, bound: bool) -> List[Mapping]:
+        """Bind or unbind; unbinding returns the owned mappings to revoke, newest first."""
+        with self.lock:
+            self.engine.device_set_bound(self.life.handle, bound)
+            if bound:
+                return []
+            return [m for m in reversed(list(self.mappings.values())) if m.live and m.devres]
+
+    @staticmethod
+    def revoke(mappings: List[Mapping]) -> int:
+        """Undo each mapping under its table's mutex; returns how many this call undid."""
+        released = 0
+        for mapping in mappings:
+            with mapping.table.life.hold() as table_handle:
+                if mapping.live:
+                    mapping.end(table_handle, revoked=True)
+                    released += 1
+        return released
+
+    def _teardown(self, handle: Any, by_owner: bool) -> None:
+        """The device goes: every mapping still live is undone first (close() revoked the
+        owned ones and refused hand-made ones; a collected device may still have both)."""
+        try:
+            self.revoke(self.live())
+            self.engine.device_destroy(handle)
+        finally:
+            self.memory_life.unpin("Device")
+            if self.iommu_life is not None:
+                self.iommu_life.unpin("Device")
+
+
+class MappedTableView(Protocol):
+    """An object standing for a mapped ``RawTable`` (an ``SGTable``) in device transfers."""
+
+    def _entered_table(self) -> ContextManager[Tuple[RawTable, bool]]:
+        """Keeps the view's owner open while entered; yields the table and whether its
+        mapping can be revoked by unbind (an owned table's)."""
 
 
 class Device:
@@ -79,64 +185,69 @@ class Device:
     Limits (bytes; the kernel's defaults):
 
     - ``dma_mask``: highest address the device can generate, ``DMA_BIT_MASK(32)`` (the kernel's
-      default when a driver sets none);
+      default when a driver sets none); enforced on every device access, with or without an
+      IOMMU;
     - ``max_segment_size``: longest DMA segment, 64 KiB;
     - ``seg_boundary_mask``: segments may not cross multiples of ``mask + 1``, all ones;
     - ``max_mapping_size``: largest mapping, all ones (``SIZE_MAX``).
+
+    Safe to share between threads: calls run concurrently (one table's calls run one at a
+    time); ``close()`` waits for the calls in flight.
     """
 
     def __init__(self, memory: PhysicalMemory, iommu: Optional[Iommu] = None, *,
                  name: str = "device", dma_mask: int = DMA_BIT_MASK(32),
-                 max_segment_size: int = 65536, seg_boundary_mask: int = _U64_MAX,
-                 max_mapping_size: int = _U64_MAX, debug: Optional[str] = None) -> None:
+                 max_segment_size: int = 65536, seg_boundary_mask: int = U64_MAX,
+                 max_mapping_size: int = U64_MAX, debug: Optional[str] = None) -> None:
         if not isinstance(memory, PhysicalMemory):
             raise TypeError(f"memory must be a PhysicalMemory, not {type(memory).__name__}")
-        mem_handle = memory._require_open()
-        iommu_handle = None
+        if memory.closed:
+            raise ClosedError("Device: the PhysicalMemory is closed")
         if iommu is not None:
             if not isinstance(iommu, Iommu):
                 raise TypeError(f"iommu must be an Iommu or None, not {type(iommu).__name__}")
-            iommu_handle = iommu._require_open()
             if iommu.memory is not memory:
                 raise error_for(errno.EINVAL, Reason.FOREIGN)
-        # Every argument is checked before anything is created or registered.
-        limits = {
-            "dma_mask": _low_bits_mask("dma_mask", dma_mask, memory.page_size - 1),
-            "max_segment_size": require_range("max_segment_size", max_segment_size, 1,
-                                              0xFFFFFFFF),
-            "seg_boundary_mask": _low_bits_mask("seg_boundary_mask", seg_boundary_mask,
-                                                memory.page_size - 1),
-            "max_mapping_size": require_range("max_mapping_size", max_mapping_size, 0,
-                                              _U64_MAX),
-        }
-        debug_mode = None if debug is None else debug_module.check_mode(debug)
         if not isinstance(name, str):
             raise TypeError(f"name must be a str, not {type(name).__name__}")
-        self._engine = memory._engine
+        # Every argument is converted and checked before anything is entered or created.
+        limits = check_limits(memory.page_size, dma_mask, max_segment_size, seg_boundary_mask,
+                              max_mapping_size)
+        debug_mode = None if debug is None else dma_debug.check_mode(debug)
+        engine = memory._engine
+        iommu_life = None if iommu is None else iommu._life
+        with memory._life as mem_handle:  # memory, then IOMMU
+            if iommu_life is None:
+                handle = self._create(engine, mem_handle, None, limits)
+            else:
+                with iommu_life as iommu_handle:
+                    handle = self._create(engine, mem_handle, iommu_handle, limits)
+                    iommu_life.pin("Device")
+            memory._life.pin("Device")
+        self._engine = engine
         self._memory = memory
         self._iommu = iommu
         self._name = name
-        self._handle: Any = self._engine.device_create(mem_handle, iommu_handle)
-        self._closed = False
         self._debug_mode: Optional[str] = debug_mode
-        self._lock = threading.RLock()
-        self._devres: List[_Devres] = []
-        self._mappings: "weakref.WeakSet[_Mapping]" = weakref.WeakSet()
-        for field, value in limits.items():
-            self._engine.device_set(self._handle, field, value)
-        memory._dependents.add(self)
-        if iommu is not None:
-            iommu._devices.add(self)
+        self._state = _DeviceState(engine, name, handle, memory._life, iommu_life)
+        self._life = self._state.life
+        self._finalizer = weakref.finalize(self, self._life.release)
+
+    @staticmethod
+    def _create(engine: Engine, mem_handle: Any, iommu_handle: Any,
+                limits: DeviceLimits) -> Any:
+        handle = engine.device_create(mem_handle, iommu_handle)
+        try:
+            engine.device_set_limits(handle, limits)
+        except BaseException:
+            engine.device_destroy(handle)
+            raise
+        return handle
 
     # -- state --------------------------------------------------------------------------
-    def _require_open(self) -> Any:
-        if self._closed:
-            raise ClosedError(f"Device {self._name!r} is closed")
-        return self._handle
-
     @property
     def closed(self) -> bool:
-        return self._closed
+        return self._life.closed
 
     @property
     def name(self) -> str:
@@ -155,60 +266,61 @@ class Device:
         return self._iommu
 
     @property
-    @locked
     def bound(self) -> bool:
-        return bool(self._engine.device_get(self._require_open(), "bound"))
+        with self._life as handle:
+            return self._engine.device_bound(handle)
 
     @property
-    @locked
     def live_mappings(self) -> int:
         """Tables mapped for this device and not yet unmapped."""
-        return int(self._engine.device_get(self._require_open(), "live_mappings"))
+        with self._life as handle:
+            return self._engine.device_live_mappings(handle)
 
-    @locked
-    def _get(self, field: str) -> int:
-        return int(self._engine.device_get(self._require_open(), field))
+    @property
+    def limits(self) -> DeviceLimits:
+        """All four limits, read together."""
+        with self._life as handle:
+            return self._engine.device_limits(handle)
 
-    @locked
-    def _set(self, field: str, value: int) -> None:
-        self._engine.device_set(self._require_open(), field, value)
+    def _set_limit(self, field: str, value: object) -> None:
+        number = require_range(field, value, 0, U64_MAX)  # user code (__index__) runs here
+        with self._life as handle, self._state.limits_lock:
+            current = self._engine.device_limits(handle)._asdict()
+            current[field] = number
+            self._engine.device_set_limits(handle, check_limits(self._memory.page_size,
+                                                                **current))
 
     @property
     def dma_mask(self) -> int:
-        return self._get("dma_mask")
+        return self.limits.dma_mask
 
     @dma_mask.setter
     def dma_mask(self, value: int) -> None:
-        self._set("dma_mask",
-                                _low_bits_mask("dma_mask", value, self._memory.page_size - 1))
+        self._set_limit("dma_mask", value)
 
     @property
     def max_segment_size(self) -> int:
-        return self._get("max_segment_size")
+        return self.limits.max_segment_size
 
     @max_segment_size.setter
     def max_segment_size(self, value: int) -> None:
-        self._set("max_segment_size",
-                                require_range("max_segment_size", value, 1, 0xFFFFFFFF))
+        self._set_limit("max_segment_size", value)
 
     @property
     def seg_boundary_mask(self) -> int:
-        return self._get("seg_boundary_mask")
+        return self.limits.seg_boundary_mask
 
     @seg_boundary_mask.setter
     def seg_boundary_mask(self, value: int) -> None:
-        self._set("seg_boundary_mask",
-                                _low_bits_mask("seg_boundary_mask", value,
-                                               self._memory.page_size - 1))
+        self._set_limit("seg_boundary_mask", value)
 
     @property
     def max_mapping_size(self) -> int:
-        return self._get("max_mapping_size")
+        return self.limits.max_mapping_size
 
     @max_mapping_size.setter
     def max_mapping_size(self, value: int) -> None:
-        self._set("max_mapping_size",
-                                require_range("max_mapping_size", value, 0, _U64_MAX))
+        self._set_limit("max_mapping_size", value)
 
     @property
     def debug(self) -> Optional[str]:
@@ -218,149 +330,162 @@ class Device:
 
     @debug.setter
     def debug(self, mode: Optional[str]) -> None:
-        self._require_open()
-        self._debug_mode = None if mode is None else debug_module.check_mode(mode)
+        checked = None if mode is None else dma_debug.check_mode(mode)
+        with self._life:
+            self._debug_mode = checked
 
     @property
     def debug_error_count(self) -> int:
         """DMA-API debug reports made against this device."""
-        return debug.device_error_count(self)
+        return dma_debug.device_error_count(self)
 
     # -- fault injection ----------------------------------------------------------------
-    @locked
     def fail_maps(self, *, nth: Optional[int] = None, probability: Optional[float] = None,
                   seed: int = 0, errno_value: int = errno.ENOMEM) -> None:
         """Make a map call fail: the ``nth`` one from now, or each with ``probability``
         (reproducible from ``seed``).  The failure comes late, after the IOVA block and the
         page-table entries exist, so the rollback that leaves nothing behind is exercised.
         ``errno_value``: ENOMEM, EINVAL or EIO.  ``fail_maps()`` with neither turns it off."""
-        handle = self._require_open()
         if isinstance(errno_value, bool) or not isinstance(errno_value, int):
             raise TypeError(f"errno_value must be an int, not {type(errno_value).__name__}")
         if probability is not None and (isinstance(probability, bool) or
                                         not isinstance(probability, (int, float))):
             raise TypeError(f"probability must be a number, not {type(probability).__name__}")
         if errno_value not in (errno.ENOMEM, errno.EINVAL, errno.EIO):
-            raise InvalidArgument(f"errno_value={errno_value} is not ENOMEM, EINVAL or EIO")
+            raise error_for(errno.EINVAL, Reason.INJECT_ERRNO, value=errno_value & U64_MAX)
         if nth is not None and probability is not None:
             raise InvalidArgument("fail_maps takes nth or probability, not both")
-        countdown = 0 if nth is None else require_range("nth", nth, 1, _U64_MAX)
+        countdown = 0 if nth is None else require_range("nth", nth, 1, U64_MAX)
         if probability is not None and not 0.0 <= probability <= 1.0:
             raise InvalidArgument(f"probability={probability} is not between 0 and 1")
         ppm = 0 if probability is None else round(probability * 1_000_000)
-        seed = require_range("seed", seed, 0, _U64_MAX)
-        # Everything is checked: now arm it.
-        self._engine.device_set(handle, "inject_countdown", countdown)
-        self._engine.device_set(handle, "inject_ppm", ppm)
-        self._engine.device_set(handle, "inject_errno", errno_value)
-        self._engine.device_set(handle, "inject_rng_state", seed)
+        seed = require_range("seed", seed, 0, U64_MAX)
+        with self._life as handle:
+            self._engine.device_inject_failures(handle, countdown, ppm, errno_value, seed)
 
     @property
     def injected_failures(self) -> int:
         """Map calls failed by :meth:`fail_maps` so far."""
-        return self._get("injected_failures")
+        with self._life as handle:
+            return self._engine.device_injected_failures(handle)
 
     # -- binding ------------------------------------------------------------------------
     def bind(self) -> None:
         """Bind the device (as a driver's probe does).  Harmless when already bound."""
-        self._set("bound", 1)
+        with self._life:
+            self._state.set_bound(True)
 
     def unbind(self) -> int:
         """Unbind: refuse new mappings, then release every resource registered against the
         device (owned SGTable mappings), newest first, each exactly once.  Returns how many
-        were released."""
-        handle = self._require_open()
-        with self._lock:
-            self._engine.device_set(handle, "bound", 0)
-            pending, self._devres = self._devres, []
-        released = sum(1 for devres in reversed(pending) if devres.revoke())
-        # As in the kernel, dma-debug looks for leaks after the Devres releases ran.
-        if debug.mode_of(self) != "off":
-            debug.check_unbind(self)
+        this call released (another thread's unbind or close may release some first)."""
+        with self._life:
+            released = self._state.revoke(self._state.set_bound(False))
+            # As in the kernel, dma-debug looks for leaks after the Devres releases ran.
+            findings = (dma_debug.check_unbind(self)
+                        if dma_debug.mode_of(self) != "off" else [])
+        dma_debug.deliver(self, findings)
         return released
 
-    def _register(self, release: Callable[[], bool],
-                  anchor: Optional[object] = None) -> _Devres:
-        """Devres: run ``release`` at unbind unless revoked first.  ``DeviceUnbound`` if the
-        device is not bound (nothing is registered then).  ``anchor``, held weakly, is the
-        resource: when it is gone, the entry is dropped."""
-        handle = self._require_open()
-        with self._lock:
-            if not self._engine.device_get(handle, "bound"):
-                raise error_for(errno.ENODEV, Reason.DEVICE_UNBOUND)
-            devres = _Devres(release, anchor)
-            self._devres = [entry for entry in self._devres if not entry.stale]
-            self._devres.append(devres)
-        return devres
-
-    def _forget(self, devres: _Devres) -> None:
-        with self._lock:
-            if devres in self._devres:
-                self._devres.remove(devres)
-
     # -- device-side access -------------------------------------------------------------
-    @locked
-    def dma_read(self, dma_addr: int, n: int) -> bytes:
-        """The device reads ``n`` bytes at DMA address ``dma_addr``: through the IOMMU, or
-        straight from memory without one.  ``IommuFault`` (nothing read) on a bad access."""
-        handle = self._require_open()
-        return self._engine.dma_read(handle, require_range("dma_addr", dma_addr, 0, _U64_MAX),
-                                     require_range("n", n, 0, self._memory.size))
+    def dma_read(self, dma_addr: int, n_bytes: int) -> bytes:
+        """The device reads ``n_bytes`` bytes at DMA address ``dma_addr``: through the IOMMU,
+        or straight from memory without one.  ``IommuFault`` (nothing read) on a bad access,
+        checked before the result is allocated."""
+        dma_addr = require_range("dma_addr", dma_addr, 0, U64_MAX)
+        n_bytes = require_range("n_bytes", n_bytes, 0, U64_MAX)
+        with self._life as handle:
+            if n_bytes > _CHECK_BEFORE_ALLOCATING:
+                self._engine.dma_check_access(handle, dma_addr, n_bytes, IOMMU_READ)
+            return _allocating(lambda: self._engine.dma_read(handle, dma_addr, n_bytes))
 
-    @locked
     def dma_write(self, dma_addr: int, data: Any) -> None:
         """The device writes ``data`` at DMA address ``dma_addr``; ``IommuFault`` (nothing
         written) on a bad access."""
-        handle = self._require_open()
-        self._engine.dma_write(handle, require_range("dma_addr", dma_addr, 0, _U64_MAX),
-                               memoryview(data).cast("B"))
-
-    @locked
-    def dma_read_table(self, table: Union[RawTable, "Any"], n_bytes: Optional[int] = None
-                       ) -> bytes:
-        """The device reads the table's ``nents`` DMA segments in order into one buffer (the
-        first ``n_bytes``, default all)."""
-        handle = self._require_open()
-        raw = _raw_of(table, self)
-        table_handle = raw._require_open()
-        if n_bytes is None:
-            n_bytes = sum(raw.export_dma()[1::2])
-        n_bytes = require_range("n_bytes", n_bytes, 0, self._memory.size)
-        with _mapping_held(raw), _revocation_as_closed(table):
-            return self._engine.dma_read_sg(handle, table_handle, n_bytes)
-
-    @locked
-    def dma_write_table(self, table: Union[RawTable, "Any"], data: Any) -> int:
-        """The device writes ``data`` across the table's DMA segments in order; returns the
-        byte count."""
-        handle = self._require_open()
-        raw = _raw_of(table, self)
+        dma_addr = require_range("dma_addr", dma_addr, 0, U64_MAX)
         view = memoryview(data).cast("B")
-        with _mapping_held(raw), _revocation_as_closed(table):
-            self._engine.dma_write_sg(handle, raw._require_open(), view)
+        with self._life as handle:
+            self._engine.dma_write(handle, dma_addr, view)
+
+    def _transfer(self, table: Union[RawTable, MappedTableView], n_bytes: Optional[int],
+                  body: Callable[[Any, Any, int], Any]) -> Any:
+        """A whole-table transfer: device, then the view's owner, then the table, held for
+        the transfer, so that an unmap or a revocation waits for it."""
+        if isinstance(table, RawTable):
+            raw, revocable, view = table, False, None
+        else:
+            enter = getattr(table, "_entered_table", None)
+            if enter is None:
+                raise TypeError(f"table must be a RawTable or SGTable, not "
+                                f"{type(table).__name__}")
+            raw, revocable, view = None, True, enter
+        with self._life as handle:
+            if view is not None:
+                with view() as (raw, revocable):
+                    return self._transfer_locked(handle, raw, revocable, n_bytes, body)
+            assert raw is not None
+            return self._transfer_locked(handle, raw, revocable, n_bytes, body)
+
+    def _transfer_locked(self, handle: Any, raw: RawTable, revocable: bool,
+                         n_bytes: Optional[int], body: Callable[[Any, Any, int], Any]) -> Any:
+        if raw.engine != self.engine:
+            raise InvalidArgument(f"the table belongs to the {raw.engine} engine, the device to "
+                                  f"the {self.engine} engine")
+        with raw._life as table_handle:
+            mapping = raw._state.mapping
+            if mapping is None or not mapping.live:
+                if revocable:
+                    raise ClosedError("SGTable's DMA mapping was revoked by device unbind")
+                raise error_for(errno.EINVAL, Reason.NOT_MAPPED)
+            if not isinstance(mapping, Mapping) or mapping.device is not self:
+                raise error_for(errno.EINVAL, Reason.WRONG_DEVICE)
+            info = self._engine.table_mapping(table_handle)
+            assert info is not None
+            rows = self._engine.table_export_dma(table_handle, info.mapped_count)
+            available = sum(rows[1::2])
+            wanted = available if n_bytes is None else n_bytes
+            if wanted > available:  # refused before anything is allocated, on both engines
+                raise error_for(errno.EINVAL, Reason.DMA_LENGTH, value=wanted, limit=available)
+            return body(handle, table_handle, wanted)
+
+    def dma_read_table(self, table: Union[RawTable, MappedTableView],
+                       n_bytes: Optional[int] = None) -> bytes:
+        """The device reads the table's mapped DMA segments in order into one buffer (the
+        first ``n_bytes``, default all)."""
+        wanted = None if n_bytes is None else require_range("n_bytes", n_bytes, 0, U64_MAX)
+        data: bytes = self._transfer(table, wanted, lambda dev, tab, n: _allocating(
+            lambda: self._engine.dma_read_sg(dev, tab, n)))
+        return data
+
+    def dma_write_table(self, table: Union[RawTable, MappedTableView], data: Any) -> int:
+        """The device writes ``data`` across the table's mapped DMA segments in order;
+        returns the byte count."""
+        view = memoryview(data).cast("B")
+        self._transfer(table, len(view),
+                       lambda dev, tab, n: self._engine.dma_write_sg(dev, tab, view))
         return len(view)
 
     # -- lifetime -----------------------------------------------------------------------
     def close(self) -> None:
         """Unbind and release the device.  Idempotent; ``BusyError`` while tables mapped by
-        hand (``dma_map_sgtable``) are still mapped for it."""
-        if self._closed:
-            return
-        with self._lock:
-            # Refuse before unbinding: a refused close changes nothing.
-            owned = {id(devres._anchor()) for devres in self._devres
-                     if devres._anchor is not None and not devres.revoked}
-            by_hand = [m for m in list(self._mappings) if m.live and id(m) not in owned]
+        hand (``dma_map_sgtable``) are still mapped for it; waits for calls in flight on
+        other threads.  Mappings of owned ``SGTable`` objects are revoked."""
+        findings: List[dma_debug.Finding] = []
+
+        def prepare(handle: Any) -> None:
+            by_hand = self._state.live(devres=False)
             if by_hand:
                 raise BusyError(f"Device.close: {len(by_hand)} table(s) are still mapped for "
                                 f"{self._name!r}; dma_unmap_sgtable them first")
+            self._state.revoke(self._state.set_bound(False))
+            if dma_debug.mode_of(self) != "off":
+                findings.extend(dma_debug.check_unbind(self))
+
+        if self._life.close(prepare):
             try:
-                self.unbind()
-            except DmaApiError:
-                pass  # reported in the device's debug mode; closing goes on
-            self._closed = True
-        self._memory._dependents.discard(self)
-        self._engine.device_destroy(self._handle)
+                dma_debug.deliver(self, findings)
+            except dma_debug.DmaApiError:
+                pass  # counted in the device's reports; closing is done
 
     def __enter__(self) -> "Device":
         return self
@@ -369,200 +494,22 @@ class Device:
         self.close()
 
     def __repr__(self) -> str:
-        if self._closed:
-            return f"<Device {self._name!r} closed>"
         mode = "direct" if self._iommu is None else f"iommu granule={self._iommu.granule}"
-        return (f"<Device {self._name!r} {mode}, {'bound' if self.bound else 'unbound'}, "
-                f"{self.live_mappings} live mappings, engine={self.engine}>")
-
-
-@contextmanager
-def _mapping_held(raw: RawTable) -> Iterator[None]:
-    """Hold the table's mapping for the length of a whole-table transfer: an unmap or an
-    unbind revocation on another thread waits, so the transfer never follows addresses that
-    were freed (and perhaps handed to another table) halfway through."""
-    mapping = raw._resources.mapping
-    if mapping is None:
-        yield
-        return
-    with mapping.lock:
-        yield
-
-
-@contextmanager
-def _revocation_as_closed(table: Any) -> Iterator[None]:
-    """An SGTable whose mapping an unbind revoked between our check and the engine's: report
-    it as the revocation (ClosedError) it is, not as an unmapped table."""
-    try:
-        yield
-    except InvalidArgument as exc:
-        if exc.reason is Reason.NOT_MAPPED and not isinstance(table, RawTable):
-            raise ClosedError("SGTable's DMA mapping was revoked by device unbind") from None
-        raise
-
-
-def _raw_of(table: Any, device: "Device") -> RawTable:
-    from .sgtable import SGTable
-    if isinstance(table, SGTable):
-        table = table._raw_table()
-    if not isinstance(table, RawTable):
-        raise TypeError(f"table must be a RawTable or SGTable, not {type(table).__name__}")
-    if table.engine != device.engine:
-        raise InvalidArgument(f"the table belongs to the {table.engine} engine, the device to "
-                              f"the {device.engine} engine")
-    return table
-
-
-def _direction(direction: Any) -> int:
-    if isinstance(direction, bool) or not isinstance(direction, int):
-        raise TypeError(f"direction must be a DataDirection, not {type(direction).__name__}")
-    try:
-        value = DataDirection(direction)
-    except ValueError:
-        raise InvalidArgument(f"direction={direction!r} is not a DataDirection") from None
-    if value is DataDirection.NONE:
-        raise error_for(errno.EINVAL, Reason.DMA_DIRECTION, 0, int(value))
-    return int(value)
-
-
-def _check_pair(dev: Device, table: RawTable) -> Any:
-    if not isinstance(dev, Device):
-        raise TypeError(f"dev must be a Device, not {type(dev).__name__}")
-    if not isinstance(table, RawTable):
-        raise TypeError(f"table must be a RawTable, not {type(table).__name__}")
-    if table.engine != dev.engine:
-        raise InvalidArgument(f"the table belongs to the {table.engine} engine, the device to "
-                              f"the {dev.engine} engine")
-    return dev._require_open()
-
-
-def _dma_rows(table: RawTable, count: int) -> "list[tuple[int, int]]":
-    rows = table.export_dma(count)
-    return [(rows[2 * i], rows[2 * i + 1]) for i in range(count)]
-
-
-def _cpu_rows(table: RawTable, count: int) -> "list[tuple[int, int, int]]":
-    rows = table.export_cpu()
-    return [(rows[3 * i], rows[3 * i + 1], rows[3 * i + 2]) for i in range(count)]
-
-
-def _map(dev: Device, table: RawTable, direction: Any, nents: Optional[int]) -> int:
-    dev_handle = _check_pair(dev, table)
-    dir_value = _direction(direction)
-    if nents is not None:
-        nents = require_range("nents", nents, 0, 0xFFFFFFFF)
-    mapping, count = table._map(dev, dev_handle, dir_value, nents)
-    if debug.mode_of(dev) != "off":
-        call_ents = table.orig_nents if nents is None else nents
-        cpu, dma = _cpu_rows(table, call_ents), _dma_rows(table, count)
         try:
-            debug.check_map(dev, cpu, dma, table.page_size, dir_value, call_ents, count)
-        except DmaApiError:
-            mapping.unmap()  # raise mode: the call changes nothing
+            state = ("bound" if self.bound else "unbound") + f", {self.live_mappings} live mappings"
+        except ClosedError:
+            return f"<Device {self._name!r} closed>"
+        return f"<Device {self._name!r} {mode}, {state}, engine={self.engine}>"
+
+
+def _allocating(read: Callable[[], bytes]) -> bytes:
+    """A read whose result buffer the host cannot allocate is OutOfMemory on both engines."""
+    try:
+        return read()
+    except MemoryError as exc:
+        if isinstance(exc, OutOfMemory):
             raise
-        mapping.debug_entry = debug.record_map(dev, cpu, dma, table.page_size, dir_value,
-                                               call_ents, count)
-    return count
+        raise error_for(errno.ENOMEM, Reason.NO_MEMORY) from None
 
 
-def _unmap(dev: Device, table: RawTable, direction: Any, nents: Optional[int]) -> None:
-    dev_handle = _check_pair(dev, table)
-    dir_value = _direction(direction)
-    if nents is not None:
-        nents = require_range("nents", nents, 0, 0xFFFFFFFF)
-    mapping = table._resources.mapping
-    tracked = mapping is None or mapping.debug_entry is not None
-    if debug.mode_of(dev) != "off" and tracked and not table.closed:
-        call_ents = table.orig_nents if nents is None else nents
-        count = max(1, min(call_ents, table.orig_nents))
-        debug.check_unmap(dev, _dma_rows(table, count), dir_value, call_ents,
-                          [other for other in list(debug._records) if other is not dev])
-    table._unmap(dev, dev_handle, dir_value, nents)
-
-
-def _sync(dev: Device, table: RawTable, direction: Any, for_cpu: bool,
-          nents: Optional[int]) -> None:
-    dev_handle = _check_pair(dev, table)
-    dir_value = _direction(direction)
-    if nents is not None:
-        nents = require_range("nents", nents, 0, 0xFFFFFFFF)
-    mapping = table._resources.mapping
-    tracked = mapping is None or mapping.debug_entry is not None
-    if debug.mode_of(dev) != "off" and tracked:
-        call_ents = table.orig_nents if nents is None else nents
-        entry = mapping.debug_entry if mapping is not None else None
-        count = entry.sg_mapped_ents if entry is not None else 1
-        debug.check_sync(dev, _dma_rows(table, min(count, table.orig_nents)), dir_value,
-                         call_ents, for_cpu)
-    dev._engine.dma_sync(dev_handle, table._require_open(), dir_value, for_cpu, nents)
-
-
-def dma_map_sgtable(dev: Device, table: RawTable, direction: DataDirection) -> None:
-    """``dma_map_sgtable``: map the table's ``orig_nents`` entries for ``dev``; ``nents``
-    becomes the DMA segment count (smaller than ``orig_nents`` where the IOMMU merged).
-    Raises (``InvalidArgument``, ``OutOfMemory``, ``MappingError``, ``DeviceUnbound``) having
-    mapped nothing."""
-    _map(dev, table, direction, None)
-
-
-def dma_unmap_sgtable(dev: Device, table: RawTable, direction: DataDirection) -> None:
-    """``dma_unmap_sgtable``: release the table's mapping (the whole IOVA block) with the
-    device it was mapped for."""
-    _unmap(dev, table, direction, None)
-
-
-def dma_sync_sgtable_for_cpu(dev: Device, table: RawTable, direction: DataDirection) -> None:
-    """Hand the buffer to the CPU (memory here is coherent: this checks the call)."""
-    _sync(dev, table, direction, True, None)
-
-
-def dma_sync_sgtable_for_device(dev: Device, table: RawTable, direction: DataDirection
-                                ) -> None:
-    """Hand the buffer back to the device (checks the call; no bytes move)."""
-    _sync(dev, table, direction, False, None)
-
-
-def dma_map_sg(dev: Device, table: RawTable, nents: int, direction: DataDirection) -> int:
-    """``dma_map_sg``: map the first ``nents`` entries and return the DMA segment count.
-    Unlike ``dma_map_sgtable`` it does not store the count in the table; pass the same
-    ``nents`` (not the returned count) to :func:`dma_unmap_sg` and the syncs."""
-    return _map(dev, table, direction, require_range("nents", nents, 0, 0xFFFFFFFF))
-
-
-def dma_unmap_sg(dev: Device, table: RawTable, nents: int, direction: DataDirection) -> None:
-    """``dma_unmap_sg``: ``nents`` must be the count passed to ``dma_map_sg``; dma-debug
-    reports the classic bug of passing the mapped count instead."""
-    _unmap(dev, table, direction, require_range("nents", nents, 0, 0xFFFFFFFF))
-
-
-def dma_sync_sg_for_cpu(dev: Device, table: RawTable, nents: int,
-                        direction: DataDirection) -> None:
-    _sync(dev, table, direction, True, require_range("nents", nents, 0, 0xFFFFFFFF))
-
-
-def dma_sync_sg_for_device(dev: Device, table: RawTable, nents: int,
-                           direction: DataDirection) -> None:
-    _sync(dev, table, direction, False, require_range("nents", nents, 0, 0xFFFFFFFF))
-
-
-def dma_sync_single_for_cpu(dev: Device, dma_addr: int, size: int,
-                            direction: DataDirection) -> None:
-    """Sync part of a mapping by DMA address: dma-debug checks it lies inside one mapping,
-    in the mapped direction."""
-    _sync_single(dev, dma_addr, size, direction, True)
-
-
-def dma_sync_single_for_device(dev: Device, dma_addr: int, size: int,
-                               direction: DataDirection) -> None:
-    _sync_single(dev, dma_addr, size, direction, False)
-
-
-def _sync_single(dev: Device, dma_addr: int, size: int, direction: Any, for_cpu: bool) -> None:
-    if not isinstance(dev, Device):
-        raise TypeError(f"dev must be a Device, not {type(dev).__name__}")
-    dev._require_open()
-    dir_value = _direction(direction)
-    dma_addr = require_range("dma_addr", dma_addr, 0, _U64_MAX)
-    size = require_range("size", size, 1, _U64_MAX)
-    if debug.mode_of(dev) != "off":
-        debug.check_sync(dev, [(dma_addr, size)], dir_value, None, for_cpu)
+__all__ = ["Device", "DMA_BIT_MASK", "Mapping", "MappedTableView", "check_limits"]

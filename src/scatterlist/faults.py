@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from typing import Iterator, List, Optional, Tuple
 
 from ._util import require_range
+from .constants import U64_MAX
 from .errors import InvalidArgument, OutOfMemory
 from .iommu import Iommu
 
@@ -32,19 +33,21 @@ def _require_iommu(iommu: object) -> None:
 def exhaust_iova(iommu: Iommu, limit: Optional[int] = None) -> Iterator[int]:
     """Occupy every free IOVA range below ``limit`` (default: the whole aperture) while the
     block runs; yields the number of granules taken.  Mappings made inside fail with
-    ``OutOfMemory`` (the kernel's -ENOMEM).  Everything is given back on exit."""
+    ``OutOfMemory`` (the kernel's -ENOMEM).  Everything is given back on exit.  The IOMMU
+    cannot be closed inside the block (``BusyError``)."""
     _require_iommu(iommu)
-    handle = iommu._require_open()
+    last = ((1 << iommu.aperture_bits) - 1 if limit is None
+            else require_range("limit", limit, 0, U64_MAX))
     engine = iommu._engine
-    shift = iommu.granule.bit_length() - 1
-    last = (1 << iommu.aperture_bits) - 1 if limit is None else require_range(
-        "limit", limit, 0, (1 << 64) - 1)
-    limit_pfn = last >> shift
+    life = iommu._life
+    limit_pfn = last >> (iommu.granule.bit_length() - 1)
     taken: List[Tuple[int, int]] = []
-    size = 1 << max(limit_pfn.bit_length() - 1, 0)
+    with life as handle:
+        life.pin("exhaust_iova")  # the ranges taken live in the IOMMU until the block ends
     try:
+        size = 1 << max(limit_pfn.bit_length() - 1, 0)
         # Largest aligned blocks first, halving on failure: a few blocks per free gap.
-        with iommu._lock:
+        with life as handle:
             while size >= 1:
                 try:
                     taken.append((engine.iommu_iova_alloc(handle, size, limit_pfn), size))
@@ -52,9 +55,11 @@ def exhaust_iova(iommu: Iommu, limit: Optional[int] = None) -> Iterator[int]:
                     size //= 2
         yield sum(granules for _, granules in taken)
     finally:
-        with iommu._lock:
+        try:
             for pfn, granules in reversed(taken):
-                engine.iommu_iova_free(handle, pfn, granules)
+                engine.iommu_iova_free(life.handle, pfn, granules)  # pinned: still there
+        finally:
+            life.unpin("exhaust_iova")
 
 
 def drop_mapping(iommu: Iommu, iova: int, size_bytes: int) -> int:
@@ -63,7 +68,7 @@ def drop_mapping(iommu: Iommu, iova: int, size_bytes: int) -> int:
     _require_iommu(iommu)
     dropped = 0
     granule = iommu.granule
-    start = require_range("iova", iova, 0, (1 << 64) - 1) // granule * granule
+    start = require_range("iova", iova, 0, U64_MAX) // granule * granule
     end = start + -(-require_range("size_bytes", size_bytes, 1, MAX_WALK_BYTES) // granule) * granule
     for page in range(start, end, granule):
         if iommu.lookup(page) is not None:
@@ -77,7 +82,7 @@ def restrict_permissions(iommu: Iommu, iova: int, size_bytes: int, prot: int) ->
     _require_iommu(iommu)
     prot = require_range("prot", prot, 0, 3)
     granule = iommu.granule
-    start = require_range("iova", iova, 0, (1 << 64) - 1) // granule * granule
+    start = require_range("iova", iova, 0, U64_MAX) // granule * granule
     end = start + -(-require_range("size_bytes", size_bytes, 1, MAX_WALK_BYTES) // granule) * granule
     changed = 0
     for page in range(start, end, granule):

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import errno
-import threading
 import weakref
 from array import array
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from ._engine import LAYOUTS, Engine, get_engine
-from ._util import locked, require_range
-from .errors import BusyError, ClosedError, InvalidArgument, OutOfMemory, Reason, error_for
-
-PAGE_SIZE = 4096
+from ._util import Lifetime, require_range
+from .constants import PAGE_SIZE, U32_MAX, U64_MAX
+from .errors import BusyError, InvalidArgument, OutOfMemory, Reason, error_for
 
 
 class PhysicalMemory:
@@ -21,22 +19,22 @@ class PhysicalMemory:
     Nothing is allocated for a page until it is written or handed out, so a 1 TiB memory is
     cheap.  Pages come from :meth:`alloc_pages` as owned :class:`Pages`; bytes are read and
     written by physical address with :meth:`read` and :meth:`write`.  ``close()`` is refused
-    (``BusyError``) while any ``Pages`` from this memory are still open.
+    (``BusyError``) while any ``Pages``, ``Iommu`` or ``Device`` on this memory is still open;
+    it waits for calls in flight on other threads.
     """
 
     def __init__(self, size: int, page_size: int = PAGE_SIZE, *,
                  engine: Optional[str] = None) -> None:
-        self._lock = threading.RLock()
-        self._engine: Engine = get_engine(engine)
-        size_bytes = require_range("size", size, 0, (1 << 64) - 1, Reason.MEMORY_SIZE)
-        page_size = require_range("page_size", page_size, 0, (1 << 32) - 1, Reason.PAGE_SIZE)
-        self._handle: Any = self._engine.memory_create(size_bytes, page_size)
+        eng: Engine = get_engine(engine)
+        size_bytes = require_range("size", size, 0, U64_MAX, Reason.MEMORY_SIZE)
+        page_size = require_range("page_size", page_size, 0, U32_MAX, Reason.PAGE_SIZE)
+        handle = eng.memory_create(size_bytes, page_size)
+        self._engine = eng
         self._page_size = page_size
         self._size_bytes = size_bytes
-        self._closed = False
-        self._open_pages: "weakref.WeakSet[Pages]" = weakref.WeakSet()
-        # Iommus and Devices built on this memory: it cannot close under them.
-        self._dependents: "weakref.WeakSet[Any]" = weakref.WeakSet()
+        self._life = Lifetime("PhysicalMemory", handle,
+                              lambda handle, by_owner: eng.memory_destroy(handle))
+        self._finalizer = weakref.finalize(self, self._life.release)
 
     # -- state --------------------------------------------------------------------------
     @property
@@ -46,12 +44,7 @@ class PhysicalMemory:
 
     @property
     def closed(self) -> bool:
-        return self._closed
-
-    def _require_open(self) -> Any:
-        if self._closed:
-            raise ClosedError("PhysicalMemory is closed")
-        return self._handle
+        return self._life.closed
 
     @property
     def page_size(self) -> int:
@@ -67,83 +60,69 @@ class PhysicalMemory:
         return self._size_bytes // self._page_size
 
     @property
-    @locked
     def free_pages(self) -> int:
         """Pages the allocator can still hand out."""
-        return int(self._engine.memory_info(self._require_open())[1])
+        with self._life as handle:
+            return int(self._engine.memory_info(handle)[1])
 
     @property
-    @locked
     def resident_pages(self) -> int:
         """Pages that hold written bytes (and so cost host memory)."""
-        return int(self._engine.memory_info(self._require_open())[2])
+        with self._life as handle:
+            return int(self._engine.memory_info(handle)[2])
 
     # -- pages --------------------------------------------------------------------------
-    @locked
-    def alloc_pages(self, n: int, layout: str = "scattered", *, seed: int = 0) -> "Pages":
-        """Allocate ``n`` pages; all of them or none (``OutOfMemory``).
+    def alloc_pages(self, n_pages: int, layout: str = "scattered", *, seed: int = 0
+                    ) -> "Pages":
+        """Allocate ``n_pages`` pages; all of them or none (``OutOfMemory``).
 
         ``layout``: ``"contiguous"`` (one run of consecutive pfns), ``"scattered"`` (no two
         neighbouring pfns, so no two pages merge in a table) or ``"random"`` (runs of 1 to 16
         consecutive pages, reproducible from ``seed``)."""
-        handle = self._require_open()
-        n_pages = require_range("n", n, 1, (1 << 63) - 1, Reason.ZERO_PAGES)
+        n_pages = require_range("n_pages", n_pages, 1, (1 << 63) - 1, Reason.ZERO_PAGES)
         if layout not in LAYOUTS:
             raise InvalidArgument(f"layout={layout!r} is not one of {sorted(LAYOUTS)}")
-        seed = require_range("seed", seed, 0, (1 << 64) - 1)
-        try:
-            # The list of pfns alone must fit in host memory: find out before the engine
-            # starts choosing pages.
-            bytearray(8 * n_pages)
-            pfns = self._engine.memory_alloc_pages(handle, n_pages, LAYOUTS[layout], seed)
-        except MemoryError as exc:
-            if isinstance(exc, OutOfMemory):
-                raise
-            raise error_for(errno.ENOMEM, Reason.NO_MEMORY) from None
-        return Pages(self, pfns, n_pages * self._page_size)
+        seed = require_range("seed", seed, 0, U64_MAX)
+        with self._life as handle:
+            try:
+                # The list of pfns alone must fit in host memory: find out before the engine
+                # starts choosing pages.
+                bytearray(8 * n_pages)
+                pfns = self._engine.memory_alloc_pages(handle, n_pages, LAYOUTS[layout], seed)
+            except MemoryError as exc:
+                if isinstance(exc, OutOfMemory):
+                    raise
+                raise error_for(errno.ENOMEM, Reason.NO_MEMORY) from None
+            return Pages._allocated(self, pfns, n_pages * self._page_size)
 
     def vmalloc(self, size_bytes: int) -> "Pages":
         """The analogue of the kernel's ``VVec``/vmalloc: ``ceil(size_bytes / page_size)``
         scattered pages listed in ascending virtual order; ``Pages.size`` is ``size_bytes``."""
         size_bytes = require_range("size_bytes", size_bytes, 1, (1 << 63) - 1)
-        n_pages = -(-size_bytes // self._page_size)
-        pages = self.alloc_pages(n_pages, "scattered")
+        pages = self.alloc_pages(-(-size_bytes // self._page_size), "scattered")
         pages._size_bytes = size_bytes
         return pages
 
     # -- bytes --------------------------------------------------------------------------
-    @locked
-    def read(self, phys: int, n: int) -> bytes:
-        """``n`` bytes at physical address ``phys``; unwritten bytes read as zero."""
-        handle = self._require_open()
-        phys = require_range("phys", phys, 0, (1 << 64) - 1, Reason.PHYS_RANGE)
-        n_bytes = require_range("n", n, 0, (1 << 63) - 1)
-        return self._engine.memory_read(handle, phys, n_bytes)
+    def read(self, phys: int, n_bytes: int) -> bytes:
+        """``n_bytes`` bytes at physical address ``phys``; unwritten bytes read as zero."""
+        phys = require_range("phys", phys, 0, U64_MAX, Reason.PHYS_RANGE)
+        n_bytes = require_range("n_bytes", n_bytes, 0, (1 << 63) - 1)
+        with self._life as handle:
+            return self._engine.memory_read(handle, phys, n_bytes)
 
-    @locked
     def write(self, phys: int, data: Any) -> None:
         """Write the bytes-like ``data`` at physical address ``phys``."""
-        handle = self._require_open()
-        phys = require_range("phys", phys, 0, (1 << 64) - 1, Reason.PHYS_RANGE)
+        phys = require_range("phys", phys, 0, U64_MAX, Reason.PHYS_RANGE)
         view = memoryview(data).cast("B")
-        self._engine.memory_write(handle, phys, view)
+        with self._life as handle:
+            self._engine.memory_write(handle, phys, view)
 
     # -- lifetime -----------------------------------------------------------------------
-    @locked
     def close(self) -> None:
-        """Release the memory.  Idempotent; ``BusyError`` while pages are still open."""
-        if self._closed:
-            return
-        live = [p for p in self._open_pages if not p.closed]
-        if live:
-            raise BusyError(f"PhysicalMemory.close: {len(live)} Pages object(s) from this "
-                            f"memory are still open; close them first")
-        users = [user for user in self._dependents if not user.closed]
-        if users:
-            raise BusyError(f"PhysicalMemory.close: {len(users)} Iommu/Device object(s) on "
-                            f"this memory are still open; close them first")
-        self._closed = True
-        self._engine.memory_destroy(self._handle)
+        """Release the memory.  Idempotent; ``BusyError`` while pages, IOMMUs or devices on
+        it are still open; waits for calls in flight on other threads."""
+        self._life.close()
 
     def __enter__(self) -> "PhysicalMemory":
         return self
@@ -152,8 +131,21 @@ class PhysicalMemory:
         self.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else f"{self.n_pages} pages of {self._page_size} B"
+        state = "closed" if self.closed else f"{self.n_pages} pages of {self._page_size} B"
         return f"<PhysicalMemory {state}, engine={self.engine}>"
+
+
+def _pages_teardown(memory: PhysicalMemory) -> Callable[[Any, bool], None]:
+    """Give the pages back to the memory, which they keep pinned until then."""
+    engine, memory_life = memory._engine, memory._life
+
+    def teardown(pfns: "array[int]", by_owner: bool) -> None:
+        try:
+            engine.memory_free_pages(memory_life.handle, memoryview(pfns))
+        finally:
+            memory_life.unpin("Pages")
+
+    return teardown
 
 
 class Pages:
@@ -161,28 +153,37 @@ class Pages:
 
     ``pfns`` lists the page frame numbers (a read-only ``memoryview`` of uint64), ``size`` is
     the size in bytes, ``n_pages`` the page count.  ``close()`` gives the pages back (their
-    contents are dropped); it is idempotent and also runs when the object is collected."""
+    contents are dropped); it is idempotent and also runs when the object is collected.  While
+    an ``SGTable`` owns the pages, closing them is the table's job."""
 
-    def __init__(self, memory: PhysicalMemory, pfns: "array[int]", size_bytes: int) -> None:
-        if not isinstance(memory, PhysicalMemory) or not isinstance(pfns, array):
-            raise TypeError("Pages objects come from PhysicalMemory.alloc_pages or vmalloc")
+    _memory: PhysicalMemory
+    _pfns: "array[int]"
+    _size_bytes: int
+    _owning_table: "Optional[weakref.ref[Any]]"
+    _life: Lifetime
+    _finalizer: "weakref.finalize[Any, Any]"
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        raise TypeError("Pages objects come from PhysicalMemory.alloc_pages or vmalloc")
+
+    @classmethod
+    def _allocated(cls, memory: PhysicalMemory, pfns: "array[int]", size_bytes: int
+                   ) -> "Pages":
+        """Pages just allocated by a call on ``memory`` (which they pin)."""
+        self = object.__new__(cls)
+        memory._life.pin("Pages")
         self._memory = memory
         self._pfns = pfns
         self._size_bytes = size_bytes
-        self._closed = False
-        self._owner: Optional[Any] = None  # the SGTable that owns these pages, if any
-        memory._open_pages.add(self)
-        # Safety net: the finalizer holds the memory handle, so the memory outlives it.
-        self._finalizer = weakref.finalize(self, memory._engine.memory_free_pages,
-                                           memory._handle, memoryview(pfns))
-
-    def _require_open(self) -> None:
-        if self._closed:
-            raise ClosedError("Pages are closed")
+        # The SGTable that owns these pages (held weakly: it holds the pages).
+        self._owning_table = None
+        self._life = Lifetime("Pages", pfns, _pages_teardown(memory))
+        self._finalizer = weakref.finalize(self, self._life.release)
+        return self
 
     @property
     def closed(self) -> bool:
-        return self._closed
+        return self._life.closed
 
     @property
     def memory(self) -> PhysicalMemory:
@@ -191,8 +192,8 @@ class Pages:
     @property
     def pfns(self) -> memoryview:
         """Page frame numbers, a read-only uint64 ``memoryview``."""
-        self._require_open()
-        return memoryview(self._pfns).toreadonly()
+        with self._life as pfns:
+            return memoryview(pfns).toreadonly()
 
     @property
     def size(self) -> int:
@@ -211,19 +212,29 @@ class Pages:
         return len(self._pfns)
 
     def __iter__(self) -> Iterator[int]:
-        self._require_open()
-        return iter(self._pfns.tolist())
+        with self._life as pfns:
+            return iter(pfns.tolist())
+
+    # -- ownership by an SGTable (see sgtable.py) -------------------------------------------
+    @property
+    def owned(self) -> bool:
+        """True while an ``SGTable`` owns these pages."""
+        return self._owning_table is not None and not self._life.closed
+
+    def _give_to(self, table: object) -> None:
+        """An SGTable takes the pages (the caller is in a call on them): from now on the
+        table's teardown frees them, after its unmap, whatever order the collector runs in."""
+        self._owning_table = weakref.ref(table)
+        self._finalizer.detach()
+
+    def _refuse_if_owned(self, pfns: object) -> None:
+        if self._owning_table is not None:
+            raise BusyError("Pages.close: an SGTable owns these pages; close the SGTable")
 
     def close(self) -> None:
         """Give the pages back to the memory.  Idempotent; ``BusyError`` while an ``SGTable``
         owns them (close the table instead)."""
-        if self._closed:
-            return
-        if self._owner is not None:
-            raise BusyError("Pages.close: an SGTable owns these pages; close the SGTable")
-        with self._memory._lock:  # the memory cannot close under the free
-            self._closed = True
-            self._finalizer()
+        self._life.close(self._refuse_if_owned)
 
     def __enter__(self) -> "Pages":
         return self
@@ -232,7 +243,7 @@ class Pages:
         self.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else f"{len(self._pfns)} pages, {self._size_bytes} B"
+        state = "closed" if self.closed else f"{len(self._pfns)} pages, {self._size_bytes} B"
         return f"<Pages {state}>"
 
 

@@ -2,8 +2,10 @@
 
 ``SGTable[Owned[P]]`` owns its pages ``P``, its entries and its DMA mapping; closing it (or
 leaving its ``with`` block) unmaps, then frees the entries, then releases the pages, the drop
-order of the Rust abstraction.  The mapping is registered against the device (Devres): a device
-unbind unmaps it once, and closing the table later frees the entries and pages without a
+order of the Rust abstraction.  The same order holds when the table is dropped without
+``close()`` (its safety net runs it, and warns with ``ResourceWarning``), whatever order the
+garbage collector finds things in.  The mapping is registered against the device (Devres): a
+device unbind unmaps it once, and closing the table later frees the entries and pages without a
 second unmap.  ``SGTable[Borrowed]`` is a view that iterates the DMA segments and never
 dangles: used after its owner closed or its mapping was revoked, it raises ``ClosedError``.
 """
@@ -12,14 +14,18 @@ from __future__ import annotations
 
 import errno
 import weakref
+from contextlib import contextmanager
+from typing import Any, Callable, Generic, Iterator, List, Optional, Tuple, TypeVar, Union
 
-from typing import Any, Callable, Generic, Iterator, List, Optional, TypeVar, Union
-
-from .device import Device, _Devres, _direction, dma_map_sgtable
+from . import debug as dma_debug
+from ._engine import get_engine
+from ._util import Lifetime, require_range
+from .constants import MAX_SEGMENT_UNLIMITED, U64_MAX, DataDirection
+from .device import Device, Mapping
+from .dma import direction_value, dma_sync_sgtable_for_cpu, dma_sync_sgtable_for_device, map_table
 from .errors import BusyError, ClosedError, InvalidArgument, Reason, error_for
 from .memory import Pages
-from .table import (MAX_SEGMENT_UNLIMITED, DataDirection, RawTable, SGEntry, _live_tables,
-                    alloc_table_from_pages)
+from .table import RawTable, SGEntry, TableState, _live_tables, build_table
 
 P = TypeVar("P", bound=Pages)
 S = TypeVar("S", covariant=True)
@@ -33,19 +39,41 @@ class Borrowed:
     """Type-state: a view of a table someone else owns."""
 
 
-def _revoker(raw: RawTable) -> Callable[[], bool]:
-    """The Devres release of an owned table: unmap at unbind (once; see _Mapping.unmap).
-    It holds the mapping weakly: a table dropped without close() unmaps through its own
-    safety net, and its Devres entry then has nothing left to release."""
-    mapping = raw._resources.mapping
-    assert mapping is not None
-    mapping_ref = weakref.ref(mapping)
+def _require_live_mapping(state: TableState) -> None:
+    mapping = state.mapping
+    if mapping is None or not mapping.live:
+        raise ClosedError("SGTable's DMA mapping was revoked by device unbind")
 
-    def revoke() -> bool:
-        live = mapping_ref()
-        return live is not None and live.unmap(by_unbind=True)
 
-    return revoke
+class _OwnedTeardown:
+    """The drop order of ``SGTable<Owned<P>>``: unmap (unless unbind did), free the entries,
+    give the pages back.  It holds what it releases, not the SGTable."""
+
+    __slots__ = ("mapping", "raw_life", "pages_life")
+
+    def __init__(self, mapping: Mapping, raw_life: Lifetime, pages_life: Lifetime) -> None:
+        self.mapping = mapping
+        self.raw_life = raw_life
+        self.pages_life = pages_life
+
+    def __call__(self, handle: Any, by_owner: bool) -> None:
+        report = None
+        try:
+            with self.raw_life.hold() as table_handle:
+                report = self.mapping.end(table_handle, leaked=None if by_owner else "SGTable")
+        finally:
+            try:
+                if by_owner:
+                    self.raw_life.close()
+                else:
+                    self.raw_life.release()
+            finally:
+                if by_owner:
+                    self.pages_life.close()
+                else:
+                    self.pages_life.release()
+        if report is not None:
+            report()
 
 
 class SGTable(Generic[S]):
@@ -53,19 +81,27 @@ class SGTable(Generic[S]):
     (``SGEntry.dma_address``, ``SGEntry.dma_len``).  Build one with :meth:`new`; view one
     with :meth:`borrow` or :meth:`from_raw`."""
 
-    def __init__(self, raw: RawTable, *, owner: Optional["SGTable[Any]"] = None,
-                 pages: Optional[Pages] = None, device: Optional[Device] = None,
-                 direction: Optional[DataDirection] = None,
-                 devres: Optional[_Devres] = None) -> None:
-        if not isinstance(raw, RawTable):
-            raise TypeError("SGTable objects come from SGTable.new, borrow() or from_raw()")
+    _raw: RawTable
+    _borrowed_from: Union["SGTable[Any]", RawTable, None]  # None for an owner
+    _pages: Optional[Pages]
+    _device: Optional[Device]
+    _direction: Optional[DataDirection]
+    _mapping: Optional[Mapping]
+    _life: Optional[Lifetime]  # an owner's
+    _finalizer: "Optional[weakref.finalize[Any, Any]]"
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        raise TypeError("SGTable objects come from SGTable.new, borrow() or from_raw()")
+
+    @classmethod
+    def _make(cls, raw: RawTable, borrowed_from: Union["SGTable[Any]", RawTable, None] = None,
+              ) -> "SGTable[Any]":
+        self: SGTable[Any] = object.__new__(cls)
         self._raw = raw
-        self._owner = owner  # None for an owner itself
-        self._pages = pages
-        self._device = device
-        self._direction = direction
-        self._devres = devres
-        self._closed = False
+        self._borrowed_from = borrowed_from
+        self._pages = self._device = self._direction = self._mapping = None
+        self._life = self._finalizer = None
+        return self
 
     # -- construction -------------------------------------------------------------------
     @staticmethod
@@ -79,37 +115,51 @@ class SGTable(Generic[S]):
         accepts, which dma-debug then reports; bounding entries by ``max_segment_size`` too
         builds only segments the device can take.
 
-        On failure nothing is mapped or kept, and the pages stay the caller's."""
+        On failure nothing is mapped or kept, and the pages stay the caller's (also when a
+        dma-debug warning is turned into an exception)."""
         if not isinstance(dev, Device):
             raise TypeError(f"dev must be a Device, not {type(dev).__name__}")
         if not isinstance(pages, Pages):
             raise TypeError(f"pages must be Pages, not {type(pages).__name__}")
-        dev._require_open()
-        if pages.closed:
-            raise ClosedError("SGTable.new: the pages are closed")
-        if pages._owner is not None:
-            raise BusyError("SGTable.new: the pages already belong to another SGTable")
+        dir_value = direction_value(direction)
         if pages.memory is not dev.memory:
             raise error_for(errno.EINVAL, Reason.FOREIGN)
-        dir_value = _direction(direction)
-        if pages.n_pages == 0:
-            raise error_for(errno.EINVAL, Reason.ZERO_PAGES)
-        limit = min(dev.max_mapping_size or MAX_SEGMENT_UNLIMITED, dev.max_segment_size,
-                    MAX_SEGMENT_UNLIMITED)
-        raw = alloc_table_from_pages(pages.pfns, size=pages.size, max_segment=limit,
-                                     page_size=pages.page_size, engine=dev.engine)
-        try:
-            dma_map_sgtable(dev, raw, DataDirection(dir_value))
-            devres = dev._register(_revoker(raw), anchor=raw._resources.mapping)
-        except BaseException:
-            mapping = raw._resources.mapping
-            if mapping is not None:
-                mapping.unmap()
-            raw.close()
-            raise
-        table: SGTable[Owned[P]] = SGTable(raw, pages=pages, device=dev,
-                                           direction=DataDirection(dir_value), devres=devres)
-        pages._owner = table
+        engine = dev._engine
+        page_size = pages.page_size
+        with dev._life as dev_handle, pages._life as pfns:  # device, then pages, then table
+            if pages._owning_table is not None:
+                raise BusyError("SGTable.new: the pages already belong to another SGTable")
+            limits = engine.device_limits(dev_handle)
+            by_mapping = limits.max_mapping_size or MAX_SEGMENT_UNLIMITED
+            limit = min(by_mapping, limits.max_segment_size, MAX_SEGMENT_UNLIMITED)
+            if limit < page_size:
+                name = ("max_segment_size" if limits.max_segment_size <= by_mapping
+                        else "max_mapping_size")
+                raise InvalidArgument(f"SGTable.new: the device's {name}={limit} is below one "
+                                      f"page ({page_size} bytes): no table entry can fit it")
+            # The pages' own array: private, so no other thread can change it under C.
+            raw = build_table(engine, memoryview(pfns), 0, pages.size, limit, page_size, 0)
+            raw._state.owner = "SGTable"
+            try:
+                mapping, _, findings = map_table(dev, raw, dir_value, None, devres=True)
+                try:
+                    dma_debug.deliver(dev, findings, stacklevel=2)
+                except BaseException:
+                    with raw._life as table_handle:  # no table for the caller: undo it all
+                        mapping.end(table_handle)
+                    raise
+            except BaseException:
+                raw.close()
+                raise
+            table: SGTable[Owned[P]] = SGTable._make(raw)
+            table._pages = pages
+            table._device = dev
+            table._direction = DataDirection(dir_value)
+            table._mapping = mapping
+            table._life = Lifetime("SGTable", None,
+                                   _OwnedTeardown(mapping, raw._life, pages._life))
+            table._finalizer = weakref.finalize(table, table._life.release)
+            pages._give_to(table)
         return table
 
     @staticmethod
@@ -118,9 +168,9 @@ class SGTable(Generic[S]):
         ``struct sl_table *`` of a live table (as handed to C device models).  Unknown or
         freed pointers are refused rather than trusted."""
         if isinstance(raw, RawTable):
-            raw._require_open()
-            return SGTable(raw, owner=raw)  # type: ignore[arg-type]
-        from ._engine import get_engine
+            if raw.closed:
+                raise ClosedError("SGTable.from_raw: the RawTable is closed")
+            return SGTable._make(raw, raw)
         try:
             address = get_engine("native").table_address(raw)
         except Exception:
@@ -129,62 +179,74 @@ class SGTable(Generic[S]):
         found = _live_tables.get(address)
         if found is None or found.closed:
             raise InvalidArgument(f"from_raw: {raw!r} is not a live scatterlist table")
-        return SGTable(found, owner=found)  # type: ignore[arg-type]
+        return SGTable._make(found, found)
 
     # -- guards -------------------------------------------------------------------------
-    def _raw_table(self) -> RawTable:
-        """The underlying RawTable, after checking the view is still usable."""
-        owner = self._owner
-        if isinstance(owner, RawTable):  # a from_raw view: lives as long as the RawTable
-            owner._require_open()
-            return self._raw
-        if owner is not None:  # a borrowed view: usable while what it borrows from is
-            return owner._raw_table()
-        if self._closed:
-            raise ClosedError("SGTable used after its owner closed it")
-        mapping = self._raw._resources.mapping
-        if mapping is None or not mapping.live:
-            raise ClosedError("SGTable's DMA mapping was revoked by device unbind")
-        return self._raw
+    def _root(self) -> "Optional[SGTable[Any]]":
+        """The owning SGTable this object is or borrows from; None for a from_raw view."""
+        node: Any = self
+        while isinstance(node, SGTable):
+            if node._borrowed_from is None:
+                return node
+            node = node._borrowed_from
+        return None
+
+    @contextmanager
+    def _entered_table(self) -> Iterator[Tuple[RawTable, bool]]:
+        """For device transfers (``Device.dma_read_table``): the owner stays open while
+        entered; yields the table and whether its mapping can be revoked."""
+        root = self._root()
+        if root is None:
+            yield self._raw, False
+            return
+        assert root._life is not None
+        with root._life:
+            yield root._raw, True
+
+    def _call(self, read: Callable[[RawTable, Optional[Callable[[TableState], None]]], Any]
+              ) -> Any:
+        with self._entered_table() as (raw, revocable):
+            return read(raw, _require_live_mapping if revocable else None)
 
     # -- the borrowed interface (also available on owners) ---------------------------------
     def __iter__(self) -> Iterator[SGEntry]:
-        entries = self._raw_table().dma_entries()
-        for entry in entries:
-            self._raw_table()
+        for entry in self.entries():
+            entry._check()  # stale once the table changed, closed or lost its mapping
             yield entry
 
     def entries(self) -> List[SGEntry]:
         """The ``nents`` DMA segments."""
-        return self._raw_table().dma_entries()
+        return self._call(lambda raw, check: raw._read_entries(True, check))  # type: ignore
 
     @property
     def nents(self) -> int:
-        return self._raw_table().nents
+        return self._call(lambda raw, check: raw._counts(check).nents)  # type: ignore
 
     @property
     def orig_nents(self) -> int:
-        return self._raw_table().orig_nents
+        return self._call(lambda raw, check: raw._counts(check).orig_nents)  # type: ignore
 
     def borrow(self) -> "SGTable[Borrowed]":
         """A view that raises ``ClosedError`` once this table is closed or revoked."""
-        self._raw_table()
-        return SGTable(self._raw, owner=self)
+        self._call(lambda raw, check: raw._counts(check))
+        return SGTable._make(self._raw, self)
 
     @property
     def closed(self) -> bool:
         """True once this table (or, for a view, what it borrows from) was closed."""
-        owner = self._owner
-        if owner is None:
-            return self._closed
-        return owner.closed
+        if self._life is not None:
+            return self._life.closed
+        borrowed_from = self._borrowed_from
+        return borrowed_from is None or borrowed_from.closed
 
     # -- the owned interface ------------------------------------------------------------
-    def _owner_only(self) -> None:
+    def _owner_only(self) -> Lifetime:
         """Owned-only members on a borrowed view: a clear error, not an assertion."""
-        if self._owner is not None or self._device is None:
+        if self._life is None:
             raise InvalidArgument("this is for the owning SGTable; a borrowed view only "
                                   "iterates the DMA segments")
+        return self._life
+
     @property
     def device(self: "SGTable[Owned[Any]]") -> Device:
         self._owner_only()
@@ -200,68 +262,63 @@ class SGTable(Generic[S]):
     @property
     def pages(self: "SGTable[Owned[P]]") -> P:
         """The owned pages (use them; closing them is the table's job)."""
-        if self._closed:
+        if self._owner_only().closed:
             raise ClosedError("SGTable is closed")
-        self._owner_only()
         assert self._pages is not None
         return self._pages  # type: ignore[return-value]
 
     @property
     def revoked(self: "SGTable[Owned[Any]]") -> bool:
         """True once a device unbind unmapped the table."""
-        return self._devres is not None and self._devres.revoked and \
-            self._raw._resources.mapping is not None and \
-            self._raw._resources.mapping.revoked
+        self._owner_only()
+        return self._mapping is not None and self._mapping.revoked
 
     def copy_from_buffer(self: "SGTable[Owned[Any]]", data: Any, skip: int = 0) -> int:
         """The CPU writes ``data`` into the table's pages (``sg_pcopy_from_buffer``), starting
         ``skip`` bytes in; returns the bytes written."""
-        self._owner_only()
-        assert self._device is not None
-        return self._raw_table().copy_from_buffer(self._device.memory, data, skip)
+        skip = require_range("skip", skip, 0, U64_MAX)
+        view = memoryview(data).cast("B")
+        with self._owner_only():
+            self._check_mapping()
+            assert self._device is not None
+            return self._raw.copy_from_buffer(self._device.memory, view, skip)
 
     def copy_to_buffer(self: "SGTable[Owned[Any]]", n_bytes: Optional[int] = None,
                        skip: int = 0) -> bytes:
         """The CPU reads the table's data (``sg_pcopy_to_buffer``)."""
-        self._owner_only()
-        assert self._device is not None
-        return self._raw_table().copy_to_buffer(self._device.memory, n_bytes, skip)
+        skip = require_range("skip", skip, 0, U64_MAX)
+        wanted = None if n_bytes is None else require_range("n_bytes", n_bytes, 0, U64_MAX)
+        with self._owner_only():
+            self._check_mapping()
+            assert self._device is not None
+            return self._raw.copy_to_buffer(self._device.memory, wanted, skip)
+
+    def _check_mapping(self) -> None:
+        if self._mapping is None or not self._mapping.live:
+            raise ClosedError("SGTable's DMA mapping was revoked by device unbind")
 
     def sync_for_cpu(self: "SGTable[Owned[Any]]") -> None:
         """``dma_sync_sgtable_for_cpu`` with the table's device and direction."""
-        from .device import dma_sync_sgtable_for_cpu
-        self._owner_only()
-        assert self._device is not None and self._direction is not None
-        dma_sync_sgtable_for_cpu(self._device, self._raw_table(), self._direction)
+        with self._owner_only():
+            self._check_mapping()
+            assert self._device is not None and self._direction is not None
+            dma_sync_sgtable_for_cpu(self._device, self._raw, self._direction)
 
     def sync_for_device(self: "SGTable[Owned[Any]]") -> None:
         """``dma_sync_sgtable_for_device`` with the table's device and direction."""
-        from .device import dma_sync_sgtable_for_device
-        self._owner_only()
-        assert self._device is not None and self._direction is not None
-        dma_sync_sgtable_for_device(self._device, self._raw_table(), self._direction)
+        with self._owner_only():
+            self._check_mapping()
+            assert self._device is not None and self._direction is not None
+            dma_sync_sgtable_for_device(self._device, self._raw, self._direction)
 
     def close(self: "SGTable[Owned[Any]]") -> None:
         """Unmap (unless unbind already did), free the entries, release the pages: the Rust
-        drop order.  Idempotent."""
-        if self._owner is not None:
+        drop order.  Idempotent, also when threads race on it; waits for calls in flight on
+        the table."""
+        if self._life is None:
             raise InvalidArgument("close() is for the owner; a borrowed view has nothing "
                                   "to release")
-        if self._closed:
-            return
-        self._closed = True
-        if self._devres is not None and self._device is not None:
-            # Unmap unless unbind got there first (the mapping's lock makes it exactly once),
-            # then take the Devres entry off the device.
-            mapping = self._raw._resources.mapping
-            if mapping is not None:
-                mapping.unmap()
-            self._devres.disarm()
-            self._device._forget(self._devres)
-        self._raw.close()
-        if self._pages is not None:
-            self._pages._owner = None
-            self._pages.close()
+        self._life.close()
 
     def __enter__(self: "SGTable[Owned[P]]") -> "SGTable[Owned[P]]":
         return self
@@ -270,9 +327,12 @@ class SGTable(Generic[S]):
         self.close()
 
     def __repr__(self) -> str:
-        kind = "Borrowed" if self._owner is not None else "Owned"
+        kind = "Borrowed" if self._life is None else "Owned"
         try:
-            raw = self._raw_table()
-            return f"<SGTable[{kind}] nents={raw.nents} orig_nents={raw.orig_nents}>"
+            nents, orig_nents = self.nents, self.orig_nents
         except ClosedError as exc:
             return f"<SGTable[{kind}] unusable: {exc}>"
+        return f"<SGTable[{kind}] nents={nents} orig_nents={orig_nents}>"
+
+
+__all__ = ["SGTable", "Owned", "Borrowed"]

@@ -2,100 +2,78 @@
 
 A ``RawTable`` is the kernel's ``struct sg_append_table`` built by
 ``sg_alloc_table_from_pages_segment`` / ``sg_alloc_append_table_from_pages``: owned, not
-mapped for DMA.  Entries handed out (``SGEntry``) are views: they raise ``ClosedError`` once the
-table is closed or changed, instead of showing stale or freed data.
+mapped for DMA by itself.  Entries handed out (``SGEntry``) are views: they raise
+``ClosedError`` once the table is closed or changed (appended to, mapped, unmapped, its
+mapping revoked), instead of showing stale or freed data.
+
+This module knows nothing of devices: a DMA mapping attaches itself to a table through the
+small :class:`TableAttachment` protocol, and the table undoes it before freeing its entries.
 """
 
 from __future__ import annotations
 
-import threading
 import weakref
 from array import array
-from enum import IntEnum
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional
+from typing import Any, Callable, Iterator, List, Optional, Protocol
 
-from ._engine import Engine, get_engine
-from ._util import PfnsLike, as_pfn_view, locked, require_range
+from ._engine import Engine, TableCounts, get_engine
+from ._util import Lifetime, PfnsLike, as_pfn_view, require_range
+from .constants import MAX_SEGMENT_UNLIMITED, PAGE_SIZE, U32_MAX, U64_MAX, DataDirection
 from .errors import BusyError, ClosedError, InvalidArgument, Reason
-from .memory import PAGE_SIZE, PhysicalMemory
-
-if TYPE_CHECKING:
-    from .device import Device
-
-#: The kernel's ``UINT_MAX`` segment limit: no limit.
-MAX_SEGMENT_UNLIMITED = 0xFFFFFFFF
-_U64_MAX = (1 << 64) - 1
+from .memory import PhysicalMemory
 
 
-class DataDirection(IntEnum):
-    """The kernel's ``enum dma_data_direction``."""
+class TableAttachment(Protocol):
+    """A DMA mapping as its table sees it (implemented in ``device.py``)."""
 
-    BIDIRECTIONAL = 0
-    TO_DEVICE = 1    #: the device reads memory
-    FROM_DEVICE = 2  #: the device writes memory
-    NONE = 3         #: for debugging only: map, unmap and sync refuse it
+    @property
+    def live(self) -> bool: ...
 
+    @property
+    def device_name(self) -> str: ...
 
-class _Mapping:
-    """One live DMA mapping of a table: what it takes to unmap it, and whether that happened.
-
-    Shared by the table (which unmaps before it frees its entries) and, for owned SGTables,
-    the device's Devres list (which unmaps at unbind): whichever comes first unmaps, once.
-    It holds the device object, so the device (and its IOMMU and memory) outlives it."""
-
-    __slots__ = ("device", "dev_handle", "table_handle", "direction", "live", "revoked",
-                 "lock", "debug_entry", "__weakref__")
-
-    def __init__(self, device: "Device", dev_handle: Any, table_handle: Any,
-                 direction: int) -> None:
-        self.device = device
-        self.dev_handle = dev_handle
-        self.table_handle = table_handle
-        self.direction = direction
-        self.live = True
-        self.revoked = False  # unmapped by device unbind rather than by its owner
-        self.lock = threading.Lock()
-        self.debug_entry: Any = None  # the dma-debug record, when debugging was on at map
-
-    def unmap(self, *, by_unbind: bool = False) -> bool:
-        """Unmap unless already unmapped; True if this call did."""
-        with self.lock:
-            if not self.live:
-                return False
-            self.device._engine.dma_unmap(self.dev_handle, self.table_handle, self.direction)
-            self.finished(revoked=by_unbind)
-            return True
-
-    def finished(self, *, revoked: bool = False) -> None:
-        """Bookkeeping once the engine has unmapped (the caller holds ``lock``)."""
-        from . import debug
-        self.live = False
-        self.revoked = revoked
-        self.device._mappings.discard(self)
-        debug.forget(self.device, self.debug_entry)
-        self.debug_entry = None
+    def end(self, table_handle: Any, *, revoked: bool = False,
+            leaked: Optional[str] = None) -> Optional[Callable[[], None]]:
+        """Unmap, exactly once (the caller holds the table's mutex).  ``leaked`` names the
+        owner dropped without closing, if it was; the result, if any, reports that leak and
+        is called once the teardown is done."""
 
 
-class _TableResources:
-    """What a table's finalizer needs: no reference back to the RawTable object."""
+class TableState:
+    """What a table's calls and its teardown share, without a reference to the ``RawTable``
+    object (so that a dropped table can be collected): its lifetime, the epoch that entries
+    and iterators check, and the DMA mapping attached to it.  ``epoch`` and ``mapping`` change
+    only under the table's mutex."""
 
-    __slots__ = ("engine", "handle", "mapping")
+    __slots__ = ("engine", "page_size", "epoch", "last_change", "mapping", "life", "owner",
+                 "__weakref__")
 
-    def __init__(self, engine: Engine, handle: Any) -> None:
+    def __init__(self, engine: Engine, page_size: int, handle: Any) -> None:
         self.engine = engine
-        self.handle = handle
-        self.mapping: Optional[_Mapping] = None
+        self.page_size = page_size
+        self.epoch = 0
+        self.last_change = ""
+        self.owner = "RawTable"  # what owns the table, for leak reports ("SGTable")
+        self.mapping: Optional[TableAttachment] = None
+        self.life = Lifetime("RawTable", handle, self._teardown, exclusive=True)
 
+    def changed(self, why: str) -> None:
+        """Entries and iterators read before now are stale (``why`` tells them how)."""
+        self.epoch += 1
+        self.last_change = why
 
-def _release_table(resources: _TableResources) -> None:
-    """Drop order: the DMA mapping first, then the entries."""
-    mapping = resources.mapping
-    if mapping is not None:
+    def _teardown(self, handle: Any, by_owner: bool) -> None:
+        """The drop order: the DMA mapping first, then the entries."""
+        report = None
+        mapping = self.mapping
         try:
-            mapping.unmap()
-        except Exception:  # pragma: no cover - teardown must go on
-            pass
-    resources.engine.table_destroy(resources.handle)
+            if mapping is not None and mapping.live:
+                report = mapping.end(handle, leaked=None if by_owner else self.owner)
+        finally:
+            self.changed("it was closed")
+            self.engine.table_destroy(handle)
+        if report is not None:
+            report()
 
 
 #: Native table pointers (and model handles) to their live RawTable, for SGTable.from_raw.
@@ -109,14 +87,14 @@ class SGEntry:
     ``dma_len`` (bytes).  After DMA mapping, DMA entry *i* does not describe CPU entry *i*.
     Reading any field after the table was closed or changed raises ``ClosedError``."""
 
-    __slots__ = ("_owner", "_epoch", "_index", "_pfn", "_offset", "_length",
+    __slots__ = ("_table", "_epoch", "_index", "_pfn", "_offset", "_length",
                  "_dma_address", "_dma_len")
 
-    def __init__(self, owner: "RawTable", epoch: int, index: int, pfn: int, offset: int,
+    def __init__(self, table: "RawTable", epoch: int, index: int, pfn: int, offset: int,
                  length: int, dma_address: int, dma_len: int) -> None:
-        if not isinstance(owner, RawTable):
+        if not isinstance(table, RawTable):
             raise TypeError("SGEntry objects come from a table")
-        self._owner = owner
+        self._table = table
         self._epoch = epoch
         self._index = index
         self._pfn = pfn
@@ -126,7 +104,7 @@ class SGEntry:
         self._dma_len = dma_len
 
     def _check(self) -> None:
-        self._owner._check_epoch(self._epoch, "SGEntry")
+        self._table._check_epoch(self._epoch, "SGEntry")
 
     @property
     def index(self) -> int:
@@ -154,7 +132,7 @@ class SGEntry:
     def phys(self) -> int:
         """Physical address of the first byte: ``pfn * page_size + offset``."""
         self._check()
-        return self._pfn * self._owner._page_size + self._offset
+        return self._pfn * self._table._page_size + self._offset
 
     @property
     def dma_address(self) -> int:
@@ -174,42 +152,43 @@ class SGEntry:
 
 
 class RawTable:
-    """An owned scatter-gather table that is not mapped for DMA (Rust's ``RawSGTable``).
+    """An owned scatter-gather table (Rust's ``RawSGTable``), mapped for DMA only by hand.
 
-    Build it with :func:`alloc_table_from_pages`.  Iterating yields the ``orig_nents`` CPU
-    entries; ``close()`` frees the entries (the kernel's ``sg_free_table``) and the table.
+    Build it with :func:`alloc_table_from_pages` or :func:`alloc_table_from_entries`.
+    Iterating yields the ``orig_nents`` CPU entries; ``close()`` frees the entries (the
+    kernel's ``sg_free_table``) and the table.  Calls on one table run one at a time; a
+    ``close()`` on another thread waits for the call in flight.
     """
 
-    def __init__(self, engine: Engine, handle: Any, page_size: int) -> None:
-        from ._engine import _cache
-        if not any(engine is known for known in _cache.values()):
-            raise TypeError("RawTable objects come from alloc_table_from_pages or "
-                            "alloc_table_from_entries")
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        raise TypeError("RawTable objects come from alloc_table_from_pages or "
+                        "alloc_table_from_entries")
+
+    @classmethod
+    def _wrap(cls, engine: Engine, handle: Any, page_size: int) -> "RawTable":
+        self = object.__new__(cls)
         self._engine = engine
-        self._handle = handle
         self._page_size = page_size
-        self._closed = False
-        self._epoch = 0
-        self._lock = threading.RLock()
-        self._resources = _TableResources(engine, handle)
-        # Safety net for tables that are never closed (unmaps, then frees); close() runs it.
-        self._finalizer = weakref.finalize(self, _release_table, self._resources)
+        self._state = TableState(engine, page_size, handle)
+        self._life = self._state.life
+        # Safety net for tables never closed: unmaps, then frees (close() does it itself).
+        self._finalizer = weakref.finalize(self, self._life.release)
         _live_tables[engine.table_address(handle)] = self
+        return self
+
+    _engine: Engine
+    _page_size: int
+    _state: TableState
+    _life: Lifetime
+    _finalizer: "weakref.finalize[Any, Any]"
 
     # -- guards -------------------------------------------------------------------------
-    def _require_open(self) -> Any:
-        if self._closed:
-            raise ClosedError("RawTable is closed")
-        return self._handle
-
     def _check_epoch(self, epoch: int, what: str) -> None:
-        if self._closed:
+        if self._life.closed:
             raise ClosedError(f"{what} used after its table was closed")
-        if epoch != self._epoch:
-            raise ClosedError(f"{what} is stale: its table changed since it was read")
-
-    def _changed(self) -> None:
-        self._epoch += 1
+        if epoch != self._state.epoch:
+            raise ClosedError(f"{what} is stale: its table changed since it was read "
+                              f"({self._state.last_change})")
 
     # -- counters -----------------------------------------------------------------------
     @property
@@ -218,212 +197,193 @@ class RawTable:
 
     @property
     def closed(self) -> bool:
-        return self._closed
+        return self._life.closed
 
     @property
     def page_size(self) -> int:
         return self._page_size
 
-    @property
-    @locked
-    def nents(self) -> int:
-        """DMA entries once mapped; equal to ``orig_nents`` before."""
-        return int(self._engine.table_counts(self._require_open())[0])
+    def counts(self) -> TableCounts:
+        """``(nents, orig_nents, total_nents, final)`` read together."""
+        return self._counts()
+
+    def _counts(self, check: Optional[Callable[[TableState], None]] = None) -> TableCounts:
+        """The counters; ``check`` runs first, under the table's mutex."""
+        with self._life as handle:
+            if check is not None:
+                check(self._state)
+            return self._engine.table_counts(handle)
 
     @property
-    @locked
+    def nents(self) -> int:
+        """DMA entries once mapped with ``dma_map_sgtable``; ``orig_nents`` otherwise."""
+        return self.counts().nents
+
+    @property
     def orig_nents(self) -> int:
         """CPU entries holding pages (chain links not counted)."""
-        return int(self._engine.table_counts(self._require_open())[1])
+        return self.counts().orig_nents
 
     @property
-    @locked
     def total_nents(self) -> int:
         """Usable entry slots allocated, including slots reserved for pages still to come."""
-        return int(self._engine.table_counts(self._require_open())[2])
+        return self.counts().total_nents
 
     @property
-    @locked
     def final(self) -> bool:
         """True once a call with ``left_pages=0`` closed the table to appends."""
-        return bool(self._engine.table_counts(self._require_open())[3])
+        return self.counts().final
 
     def __len__(self) -> int:
         return self.orig_nents
 
     # -- building -----------------------------------------------------------------------
-    @locked
     def append_pages(self, pfns: PfnsLike, size: Optional[int] = None,
                      left_pages: int = 0) -> None:
         """``sg_alloc_append_table_from_pages``: add pages, merging into the last entry where
         the pfns continue it.  ``size`` (bytes, default all of the pages) must end inside the
         last page; ``left_pages`` says how many pages later calls will add (0: final)."""
-        handle = self._require_open()
         view = as_pfn_view(pfns)
         size_bytes, left = _size_and_left(view, 0, size, left_pages, self._page_size)
-        with self._lock:
+        with self._life as handle:
             self._engine.table_append(handle, view, 0, size_bytes, left)
-            self._changed()
+            self._state.changed("pages were appended")
 
-    # -- DMA mapping (device.dma_map_sgtable and friends) -----------------------------
+    # -- DMA mapping (done by scatterlist.dma) ------------------------------------------
     @property
-    @locked
     def mapped(self) -> bool:
         """True while the table is DMA-mapped."""
-        self._require_open()
-        mapping = self._resources.mapping
-        return mapping is not None and mapping.live
+        with self._life:
+            mapping = self._state.mapping
+            return mapping is not None and mapping.live
 
     @property
-    @locked
     def direction(self) -> Optional[DataDirection]:
         """The direction of the live mapping, or None."""
-        info = self._engine.table_mapping(self._require_open())
-        return None if info is None else DataDirection(info[0])
-
-    def _map(self, device: "Device", dev_handle: Any, direction: int,
-             nents: Optional[int] = None) -> "tuple[_Mapping, int]":
-        """Map (dma_map_sgtable, or dma_map_sg with nents); returns the mapping and the DMA
-        segment count."""
-        with self._lock:
-            handle = self._require_open()
-            count = self._engine.dma_map(dev_handle, handle, direction, nents)
-            mapping = _Mapping(device, dev_handle, handle, direction)
-            self._resources.mapping = mapping
-            device._mappings.add(mapping)
-            self._changed()
-            return mapping, count
-
-    def _unmap(self, device: "Device", dev_handle: Any, direction: int,
-               nents: Optional[int] = None) -> None:
-        with self._lock:
-            handle = self._require_open()
-            mapping = self._resources.mapping
-            if mapping is not None and mapping.live and mapping.dev_handle is dev_handle:
-                with mapping.lock:
-                    self._engine.dma_unmap(dev_handle, handle, direction, nents)
-                    mapping.finished()
-                self._resources.mapping = None
-            else:
-                # Not mapped, or mapped for another device: the engine says which.
-                self._engine.dma_unmap(dev_handle, handle, direction, nents)
-            self._changed()
+        with self._life as handle:
+            info = self._engine.table_mapping(handle)
+            return None if info is None else DataDirection(info.direction)
 
     # -- reading ------------------------------------------------------------------------
-    @locked
     def export_cpu(self) -> "array[int]":
         """All CPU entries in one call: ``array('Q')`` of (pfn, offset, length) rows."""
-        handle = self._require_open()
-        return self._engine.table_export_cpu(handle, self._engine.table_counts(handle)[1])
+        with self._life as handle:
+            return self._engine.table_export_cpu(handle,
+                                                 self._engine.table_counts(handle).orig_nents)
 
-    @locked
     def export_dma(self, n_entries: Optional[int] = None) -> "array[int]":
         """(dma_address, dma_len) rows of the first ``n_entries`` entries (default
         ``nents``)."""
-        handle = self._require_open()
-        nents, orig_nents = self._engine.table_counts(handle)[:2]
-        count = nents if n_entries is None else require_range("n_entries", n_entries, 0,
-                                                              orig_nents)
-        return self._engine.table_export_dma(handle, count)
+        wanted = None if n_entries is None else require_range("n_entries", n_entries, 0,
+                                                              U32_MAX)
+        with self._life as handle:
+            counts = self._engine.table_counts(handle)
+            if wanted is not None and wanted > counts.orig_nents:
+                raise InvalidArgument(f"n_entries={wanted} is out of range "
+                                      f"[0, {counts.orig_nents}]")
+            return self._engine.table_export_dma(handle,
+                                                 counts.nents if wanted is None else wanted)
 
-    @locked
-    def _entries(self, count: int) -> List[SGEntry]:
-        handle = self._require_open()
-        cpu = self._engine.table_export_cpu(handle, count)
-        dma = self._engine.table_export_dma(handle, count)
-        epoch = self._epoch
+    def _read_entries(self, dma_view: bool,
+                      check: Optional[Callable[[TableState], None]] = None) -> List[SGEntry]:
+        """The CPU entries (``orig_nents``) or the DMA view (``nents``), read in one call;
+        ``check`` runs first, under the table's mutex."""
+        with self._life as handle:
+            if check is not None:
+                check(self._state)
+            counts = self._engine.table_counts(handle)
+            count = counts.nents if dma_view else counts.orig_nents
+            cpu = self._engine.table_export_cpu(handle, count)
+            dma = self._engine.table_export_dma(handle, count)
+            epoch = self._state.epoch
         return [SGEntry(self, epoch, i, cpu[3 * i], cpu[3 * i + 1], cpu[3 * i + 2],
                         dma[2 * i], dma[2 * i + 1]) for i in range(count)]
 
     def entries(self) -> List[SGEntry]:
         """The ``orig_nents`` CPU entries (``for_each_sgtable_sg``)."""
-        return self._entries(self.orig_nents)
+        return self._read_entries(False)
 
     def dma_entries(self) -> List[SGEntry]:
         """The first ``nents`` entries, whose DMA fields are the mapped segments
         (``for_each_sgtable_dma_sg``)."""
-        return self._entries(self.nents)
+        return self._read_entries(True)
 
     def __iter__(self) -> Iterator[SGEntry]:
-        epoch = self._epoch
-        for entry in self.entries():
-            self._check_epoch(epoch, "RawTable iterator")
+        entries = self.entries()
+        for entry in entries:
+            entry._check()  # stale once the table changed or closed
             yield entry
 
-    @locked
     def chunk_slots(self) -> List[int]:
         """Slots in each entry chunk in chain order; a full chunk has ``page_size // 32``
         slots and gives its last one to the chain link."""
-        return self._engine.table_chunk_slots(self._require_open())
+        with self._life as handle:
+            return self._engine.table_chunk_slots(handle)
 
-    @locked
     def sg_nents(self) -> int:
         """``sg_nents``: entries reachable with ``sg_next`` (an open append table also counts
         the unused slots up to its current chunk's end)."""
-        return self._engine.table_sg_nents(self._require_open())
+        with self._life as handle:
+            return self._engine.table_sg_nents(handle)
 
-    @locked
-    def nents_for_len(self, length: int) -> int:
-        """``sg_nents_for_len``: how many entries cover ``length`` bytes (CPU lengths)."""
-        handle = self._require_open()
-        len_bytes = require_range("length", length, 0, _U64_MAX)
-        return self._engine.table_nents_for_len(handle, len_bytes)
+    def nents_for_len(self, len_bytes: int) -> int:
+        """``sg_nents_for_len``: how many entries cover ``len_bytes`` bytes (CPU lengths)."""
+        len_bytes = require_range("len_bytes", len_bytes, 0, U64_MAX)
+        with self._life as handle:
+            return self._engine.table_nents_for_len(handle, len_bytes)
 
-    @locked
-    def pages(self, start: int = 0) -> "array[int]":
+    def page_pfns(self, start: int = 0) -> "array[int]":
         """The pfns ``for_each_sgtable_page`` visits, beginning ``start`` pages in."""
-        handle = self._require_open()
-        start_pgoffset = require_range("start", start, 0, _U64_MAX)
-        return self._engine.table_page_pfns(handle, start_pgoffset)
+        start_pgoffset = require_range("start", start, 0, U64_MAX)
+        with self._life as handle:
+            return self._engine.table_page_pfns(handle, start_pgoffset)
 
     # -- copying against memory ---------------------------------------------------------
-    def _memory_handle(self, memory: PhysicalMemory) -> Any:
+    def _check_memory(self, memory: PhysicalMemory) -> None:
         if not isinstance(memory, PhysicalMemory):
             raise TypeError(f"memory must be a PhysicalMemory, not {type(memory).__name__}")
         if memory.engine != self._engine.name:
             raise InvalidArgument(f"memory belongs to the {memory.engine} engine, the table to "
                                   f"the {self._engine.name} engine")
-        return memory._require_open()
 
-    @locked
     def copy_to_buffer(self, memory: PhysicalMemory, n_bytes: Optional[int] = None,
                        skip: int = 0) -> bytes:
         """``sg_pcopy_to_buffer``: up to ``n_bytes`` (default: all) of the table's data,
         starting ``skip`` bytes in, read from ``memory``.  Short if the table ends first."""
-        handle = self._require_open()
-        mem = self._memory_handle(memory)
-        skip = require_range("skip", skip, 0, _U64_MAX)
-        wanted = None if n_bytes is None else require_range("n_bytes", n_bytes, 0, _U64_MAX)
-        # Never more than the table holds after skip: size the buffer for what can come.
-        rows = self._engine.table_export_cpu(handle, self._engine.table_counts(handle)[1])
-        available = max(sum(rows[2::3]) - skip, 0)
-        buf = bytearray(available if wanted is None else min(wanted, available))
-        copied = self._engine.table_copy(handle, mem, memoryview(buf), skip, True)
+        self._check_memory(memory)
+        skip = require_range("skip", skip, 0, U64_MAX)
+        wanted = None if n_bytes is None else require_range("n_bytes", n_bytes, 0, U64_MAX)
+        with memory._life as mem, self._life as handle:  # memory, then table
+            # Never more than the table holds after skip: size the buffer for what can come.
+            orig_nents = self._engine.table_counts(handle).orig_nents
+            rows = self._engine.table_export_cpu(handle, orig_nents)
+            available = max(sum(rows[2::3]) - skip, 0)
+            buf = bytearray(available if wanted is None else min(wanted, available))
+            copied = self._engine.table_copy(handle, mem, memoryview(buf), skip, True)
         return bytes(buf[:copied])
 
-    @locked
     def copy_from_buffer(self, memory: PhysicalMemory, data: Any, skip: int = 0) -> int:
         """``sg_pcopy_from_buffer``: write ``data`` into the table's pages in ``memory``,
         starting ``skip`` bytes in.  Returns the bytes written."""
-        handle = self._require_open()
-        mem = self._memory_handle(memory)
-        skip = require_range("skip", skip, 0, _U64_MAX)
-        return self._engine.table_copy(handle, mem, memoryview(data).cast("B"), skip, False)
+        self._check_memory(memory)
+        skip = require_range("skip", skip, 0, U64_MAX)
+        view = memoryview(data).cast("B")
+        with memory._life as mem, self._life as handle:  # memory, then table
+            return self._engine.table_copy(handle, mem, view, skip, False)
 
     # -- lifetime -----------------------------------------------------------------------
+    def _refuse_if_mapped(self, handle: Any) -> None:
+        mapping = self._state.mapping
+        if mapping is not None and mapping.live:
+            raise BusyError("RawTable.close: the table is DMA-mapped for device "
+                            f"{mapping.device_name!r}; dma_unmap_sgtable it first")
+
     def close(self) -> None:
         """Free the entries (the kernel's ``sg_free_table``) and the table.  Idempotent;
-        every entry and iterator taken from the table raises ``ClosedError`` afterwards."""
-        with self._lock:
-            if self._closed:
-                return
-            mapping = self._resources.mapping
-            if mapping is not None and mapping.live:
-                raise BusyError("RawTable.close: the table is DMA-mapped for device "
-                                f"{mapping.device.name!r}; dma_unmap_sgtable it first")
-            self._closed = True
-            self._changed()
-            self._finalizer()
+        ``BusyError`` while the table is DMA-mapped; waits for a call in flight on another
+        thread.  Every entry and iterator taken from the table raises ``ClosedError``
+        afterwards."""
+        self._life.close(self._refuse_if_mapped)
 
     def __enter__(self) -> "RawTable":
         return self
@@ -432,9 +392,10 @@ class RawTable:
         self.close()
 
     def __repr__(self) -> str:
-        if self._closed:
+        try:
+            nents, orig_nents, _, final = self.counts()
+        except ClosedError:
             return "<RawTable closed>"
-        nents, orig_nents, _, final = self._engine.table_counts(self._handle)
         return (f"<RawTable nents={nents} orig_nents={orig_nents} "
                 f"{'final' if final else 'open for appends'}, engine={self.engine}>")
 
@@ -444,10 +405,22 @@ def _size_and_left(view: memoryview, offset: int, size: Optional[int], left_page
     if size is None:
         size_bytes = max(len(view) * page_size - offset, 0)
     else:
-        size_bytes = require_range("size", size, 0, _U64_MAX, Reason.SIZE)
+        size_bytes = require_range("size", size, 0, U64_MAX, Reason.SIZE)
     # The kernel's left_pages is an unsigned int.
-    left = require_range("left_pages", left_pages, 0, 0xFFFFFFFF)
+    left = require_range("left_pages", left_pages, 0, U32_MAX)
     return size_bytes, left
+
+
+def build_table(engine: Engine, pfns: memoryview, offset: int, size_bytes: int,
+                max_segment_bytes: int, page_size: int, left_pages: int) -> RawTable:
+    """A table from converted arguments (``pfns`` a view no other thread can change)."""
+    handle = engine.table_create(page_size, max_segment_bytes)
+    try:
+        engine.table_append(handle, pfns, offset, size_bytes, left_pages)
+    except BaseException:
+        engine.table_destroy(handle)
+        raise
+    return RawTable._wrap(engine, handle, page_size)
 
 
 def alloc_table_from_pages(pfns: PfnsLike, offset: int = 0, size: Optional[int] = None,
@@ -456,8 +429,9 @@ def alloc_table_from_pages(pfns: PfnsLike, offset: int = 0, size: Optional[int] 
     """Build a table from page frame numbers: ``sg_alloc_table_from_pages_segment`` (or, with
     ``left_pages > 0``, the first ``sg_alloc_append_table_from_pages`` call).
 
-    - ``pfns``: a list, ``array('Q')``, ``memoryview`` or numpy array of page frame numbers;
-      64-bit buffers are read in place.
+    - ``pfns``: a list, ``array('Q')``, ``memoryview`` or numpy array of page frame numbers.
+      A buffer is copied once (the C core reads the array twice with the GIL released, and
+      another thread could change a caller's buffer in between).
     - ``offset``: bytes into the first page where the data starts.
     - ``size``: data length in bytes, ending inside the last page (default: all of the pages
       after ``offset``).
@@ -468,20 +442,14 @@ def alloc_table_from_pages(pfns: PfnsLike, offset: int = 0, size: Optional[int] 
     Physically consecutive pfns merge into one entry, split at ``max_segment``; only the first
     entry carries ``offset``; ``size`` clips the last entry."""
     eng = get_engine(engine)
-    page_size = require_range("page_size", page_size, 0, 0xFFFFFFFF, Reason.PAGE_SIZE)
+    page_size = require_range("page_size", page_size, 0, U32_MAX, Reason.PAGE_SIZE)
     max_segment_bytes = (MAX_SEGMENT_UNLIMITED if max_segment is None else
                          require_range("max_segment", max_segment, 0, MAX_SEGMENT_UNLIMITED,
                                        Reason.MAX_SEGMENT))
-    offset = require_range("offset", offset, 0, 0xFFFFFFFF, Reason.OFFSET)
+    offset = require_range("offset", offset, 0, U32_MAX, Reason.OFFSET)
     view = as_pfn_view(pfns)
     size_bytes, left = _size_and_left(view, offset, size, left_pages, page_size)
-    handle = eng.table_create(page_size, max_segment_bytes)
-    try:
-        eng.table_append(handle, view, offset, size_bytes, left)
-    except BaseException:
-        eng.table_destroy(handle)
-        raise
-    return RawTable(eng, handle, page_size)
+    return build_table(eng, view, offset, size_bytes, max_segment_bytes, page_size, left)
 
 
 def alloc_table_from_entries(entries: Any, page_size: int = PAGE_SIZE, *,
@@ -491,7 +459,7 @@ def alloc_table_from_entries(entries: Any, page_size: int = PAGE_SIZE, *,
     ``offset`` may exceed a page, ``length`` is 1 to 2**32-1), or a flat buffer of such
     triples.  Nothing is merged.  The table is final."""
     eng = get_engine(engine)
-    page_size = require_range("page_size", page_size, 0, 0xFFFFFFFF, Reason.PAGE_SIZE)
+    page_size = require_range("page_size", page_size, 0, U32_MAX, Reason.PAGE_SIZE)
     if isinstance(entries, (str, bytes, bytearray)):
         raise TypeError(f"entries must be (pfn, offset, length) triples, not "
                         f"{type(entries).__name__}")
@@ -514,4 +482,8 @@ def alloc_table_from_entries(entries: Any, page_size: int = PAGE_SIZE, *,
     except BaseException:
         eng.table_destroy(handle)
         raise
-    return RawTable(eng, handle, page_size)
+    return RawTable._wrap(eng, handle, page_size)
+
+
+__all__ = ["RawTable", "SGEntry", "TableAttachment", "TableState", "alloc_table_from_pages",
+           "alloc_table_from_entries", "build_table"]

@@ -56,10 +56,10 @@ class IommuDomain:
     def __init__(self, granule_bytes: int, aperture_bits: int) -> None:
         # The checks of iommu_domain_create, in its order.
         if not is_valid_granule(granule_bytes):
-            raise error_for(errno.EINVAL, Reason.GRANULE, 0, granule_bytes)
+            raise error_for(errno.EINVAL, Reason.GRANULE, value=granule_bytes)
         granule_shift = granule_bytes.bit_length() - 1
         if aperture_bits <= granule_shift or aperture_bits > 64:
-            raise error_for(errno.EINVAL, Reason.APERTURE_BITS, granule_shift, aperture_bits)
+            raise error_for(errno.EINVAL, Reason.APERTURE_BITS, value=aperture_bits)
         self.granule_bytes = granule_bytes
         self.granule_shift = granule_shift
         self.granule_mask = granule_bytes - 1
@@ -99,11 +99,6 @@ class IommuDomain:
         """Faults ever logged (not reduced by clears or by wrapping)."""
         return self._fault_total
 
-    @property
-    def fault_count(self) -> int:
-        """Faults currently held, at most IOMMU_FAULT_LOG_SIZE."""
-        return len(self._faults)
-
     def faults(self) -> List[Fault]:
         """The held fault records, oldest first."""
         return list(self._faults)
@@ -114,20 +109,20 @@ class IommuDomain:
 
     # -- checks ------------------------------------------------------------------------
     def _check_align(self, iova: int, phys: int, size_bytes: int) -> None:
-        """Alignment of a map/unmap request; index names the argument: 0 iova, 1 phys,
-        2 size."""
-        mask = self.granule_mask
-        if iova & mask:
-            raise error_for(errno.EINVAL, Reason.IOMMU_ALIGN, 0, iova)
-        if phys & mask:
-            raise error_for(errno.EINVAL, Reason.IOMMU_ALIGN, 1, phys)
-        if size_bytes & mask:
-            raise error_for(errno.EINVAL, Reason.IOMMU_ALIGN, 2, size_bytes)
+        """Alignment of a map/unmap request: the first misaligned of iova, phys, size."""
+        for misaligned in (iova, phys, size_bytes):
+            if misaligned & self.granule_mask:
+                raise error_for(errno.EINVAL, Reason.IOMMU_ALIGN, value=misaligned,
+                                limit=self.granule_bytes)
 
     def _check_aperture(self, iova: int, size_bytes: int) -> None:
         """[iova, iova + size_bytes) inside the aperture; size_bytes > 0."""
         if iova > self._aperture_last or size_bytes - 1 > self._aperture_last - iova:
-            raise error_for(errno.EINVAL, Reason.IOMMU_APERTURE, size_bytes, iova)
+            raise self._aperture_error(iova)
+
+    def _aperture_error(self, iova: int, element: int = 0) -> ScatterlistError:
+        return error_for(errno.EINVAL, Reason.IOMMU_APERTURE, element=element, value=iova,
+                         limit=self._aperture_last)
 
     # -- mapping -----------------------------------------------------------------------
     def _first_mapped(self, pfn: int, n_pages: int) -> Optional[int]:
@@ -145,11 +140,11 @@ class IommuDomain:
                    prot: int) -> None:
         """map_pages: fills n_pages entries from pfn on with the pages of runs (aligned,
         checked, zero-length runs allowed), all or nothing: -EEXIST at the first page in order
-        that is already mapped (index = its page number within the range)."""
+        that is already mapped."""
         clash = self._first_mapped(pfn, n_pages)
         if clash is not None:
-            raise error_for(errno.EEXIST, Reason.IOMMU_MAPPED, clash - pfn,
-                            clash << self.granule_shift)
+            raise error_for(errno.EEXIST, Reason.IOMMU_MAPPED,
+                            value=clash << self.granule_shift)
         pages = self._pages
         granule = self.granule_bytes
         cur = pfn
@@ -163,13 +158,13 @@ class IommuDomain:
         """iommu_map: maps [iova, iova + size_bytes) to [phys, phys + size_bytes) with prot,
         all or nothing."""
         if prot & ~IOMMU_PROT_MASK:
-            raise error_for(errno.EINVAL, Reason.IOMMU_PROT, 0, prot)
+            raise error_for(errno.EINVAL, Reason.IOMMU_PROT, value=prot)
         self._check_align(iova, phys, size_bytes)
         if size_bytes == 0:
             return
         self._check_aperture(iova, size_bytes)
         if size_bytes - 1 > U64_MAX - phys:
-            raise error_for(errno.EINVAL, Reason.IOMMU_PHYS_RANGE, size_bytes, phys)
+            raise error_for(errno.EINVAL, Reason.IOMMU_PHYS_RANGE, value=phys)
         self._map_pages(iova >> self.granule_shift, size_bytes >> self.granule_shift,
                         [(phys, size_bytes)], prot)
 
@@ -177,21 +172,23 @@ class IommuDomain:
         """iommu_map_runs (the kernel's iommu_map_sg): maps the (phys, len_bytes) runs back to
         back from iova on, all of them or nothing; zero-length runs are skipped."""
         if prot & ~IOMMU_PROT_MASK:
-            raise error_for(errno.EINVAL, Reason.IOMMU_PROT, 0, prot)
+            raise error_for(errno.EINVAL, Reason.IOMMU_PROT, value=prot)
         mask = self.granule_mask
         if iova & mask:
-            raise error_for(errno.EINVAL, Reason.IOMMU_ALIGN, 0, iova)
+            raise error_for(errno.EINVAL, Reason.IOMMU_ALIGN, value=iova,
+                            limit=self.granule_bytes)
         total = 0
         for i, (phys, len_bytes) in enumerate(runs):
             if (phys | len_bytes) & mask:
-                raise error_for(errno.EINVAL, Reason.IOMMU_ALIGN, i,
-                                phys if phys & mask else len_bytes)
+                raise error_for(errno.EINVAL, Reason.IOMMU_ALIGN, element=i,
+                                value=phys if phys & mask else len_bytes,
+                                limit=self.granule_bytes)
             if len_bytes == 0:
                 continue
             if len_bytes - 1 > U64_MAX - phys:
-                raise error_for(errno.EINVAL, Reason.IOMMU_PHYS_RANGE, i, phys)
+                raise error_for(errno.EINVAL, Reason.IOMMU_PHYS_RANGE, element=i, value=phys)
             if len_bytes > U64_MAX - total:
-                raise error_for(errno.EINVAL, Reason.IOMMU_APERTURE, i, iova)
+                raise self._aperture_error(iova, i)
             total += len_bytes
         if total == 0:
             return
@@ -206,7 +203,7 @@ class IommuDomain:
             return 0
         self._check_aperture(iova, size_bytes)
         if size_bytes > INT64_MAX:   # the byte count is returned as int64_t
-            raise error_for(errno.EINVAL, Reason.IOMMU_APERTURE, size_bytes, iova)
+            raise self._aperture_error(iova)
         pages = self._pages
         pfn = iova >> self.granule_shift
         end = pfn + (size_bytes >> self.granule_shift)
@@ -221,7 +218,7 @@ class IommuDomain:
         exception the C's -EFAULT becomes."""
         self._faults.append((self._fault_total, iova, access, reason, prot))
         self._fault_total += 1
-        return error_for(errno.EFAULT, _FAULT_SL_REASON[reason], access, iova)
+        return error_for(errno.EFAULT, _FAULT_SL_REASON[reason], value=iova, access=access)
 
     def _check_pte(self, pte: Optional[int], iova: int, access: int) -> None:
         """A page entry (None: not mapped) for an access at iova; a fault is logged and
@@ -235,7 +232,7 @@ class IommuDomain:
     @staticmethod
     def _check_access(access: int) -> None:
         if access != IOMMU_READ and access != IOMMU_WRITE:
-            raise error_for(errno.EINVAL, Reason.IOMMU_ACCESS, 0, access)
+            raise error_for(errno.EINVAL, Reason.IOMMU_ACCESS, value=access)
 
     def translate(self, iova: int, access: int) -> int:
         """iommu_translate: the physical address of a one-byte device access."""
@@ -258,7 +255,7 @@ class IommuDomain:
         if len_bytes == 0:
             return []
         if len_bytes - 1 > U64_MAX - iova:
-            raise error_for(errno.EINVAL, Reason.IOMMU_APERTURE, len_bytes, iova)
+            raise self._aperture_error(iova)
         pages = self._pages
         granule = self.granule_bytes
         mask = self.granule_mask
@@ -283,7 +280,8 @@ class IommuDomain:
                 if run_len:
                     runs.append((run_phys, run_len))
                 if capacity is not None and len(runs) == capacity:
-                    raise error_for(errno.ENOSPC, Reason.IOMMU_RUNS_CAPACITY, capacity, addr)
+                    raise error_for(errno.ENOSPC, Reason.IOMMU_RUNS_CAPACITY, value=addr,
+                                    limit=capacity)
                 run_phys, run_len = phys, piece
             addr += piece
             left -= piece

@@ -212,9 +212,9 @@ class IovaDomain:
     def __init__(self, granule_bytes: int, start_pfn: int, depot_max_magazines: int) -> None:
         # The checks of iova_domain_create, in its order.
         if not is_valid_granule(granule_bytes):
-            raise error_for(errno.EINVAL, Reason.GRANULE, 0, granule_bytes)
+            raise error_for(errno.EINVAL, Reason.GRANULE, value=granule_bytes)
         if start_pfn == 0:
-            raise error_for(errno.EINVAL, Reason.IOVA_START_PFN, 0, 0)
+            raise error_for(errno.EINVAL, Reason.IOVA_START_PFN, value=start_pfn)
         self.granule_bytes = granule_bytes
         self.granule_shift = granule_bytes.bit_length() - 1
         self.start_pfn = start_pfn
@@ -380,7 +380,7 @@ class IovaDomain:
     # -- public interface --------------------------------------------------------------
     def _alloc(self, size_granules: int, limit_pfn: int, flush_rcache: bool) -> int:
         if size_granules == 0:
-            raise error_for(errno.EINVAL, Reason.IOVA_SIZE, 0, 0)
+            raise error_for(errno.EINVAL, Reason.IOVA_SIZE)
         size = fast_size(size_granules)
         if limit_pfn > self._max_pfn:
             limit_pfn = self._max_pfn
@@ -405,7 +405,7 @@ class IovaDomain:
             if pfn is not None:
                 self._rcache_clear(unlink=True)
         if pfn is None:
-            raise error_for(errno.ENOMEM, Reason.IOVA_EXHAUSTED, 0, size)
+            raise error_for(errno.ENOMEM, Reason.IOVA_EXHAUSTED, value=size, limit=limit_pfn)
         self._link(pfn, pfn + size - 1, IOVA_RANGE_LIVE)
         self._n_live += 1
         self._live_granules += size
@@ -425,19 +425,20 @@ class IovaDomain:
         """iova_free (free_iova_fast with the C's checks): ranges of up to 32 granules go into
         the range cache, larger ones back to free space.  A failure changes nothing."""
         if size_granules == 0:
-            raise error_for(errno.EINVAL, Reason.IOVA_SIZE, 0, pfn)
+            raise error_for(errno.EINVAL, Reason.IOVA_SIZE)
         i = self._index_containing(pfn)
         if i < 0:
-            raise error_for(errno.ENOENT, Reason.IOVA_NOT_FOUND, 0, pfn)
+            raise error_for(errno.ENOENT, Reason.IOVA_NOT_FOUND, value=pfn)
         state = self._state[i]
         if state != IOVA_RANGE_LIVE:
-            raise error_for(errno.EINVAL, Reason.IOVA_NOT_LIVE, state, pfn)
+            raise error_for(errno.EINVAL, Reason.IOVA_NOT_LIVE, value=pfn)
         lo = self._lo[i]
         if lo != pfn:
-            raise error_for(errno.EINVAL, Reason.IOVA_NOT_START, lo, pfn)
+            raise error_for(errno.EINVAL, Reason.IOVA_NOT_START, value=pfn)
         size = self._hi[i] - lo + 1
         if fast_size(size_granules) != size:
-            raise error_for(errno.EINVAL, Reason.IOVA_SIZE_MISMATCH, size, size_granules)
+            raise error_for(errno.EINVAL, Reason.IOVA_SIZE_MISMATCH, value=size_granules,
+                            limit=size)
         self._n_live -= 1
         self._live_granules -= size
         if size <= _CACHE_MAX_SIZE:
@@ -450,14 +451,15 @@ class IovaDomain:
         overlaps or touches; cached ranges inside are released first (every cache is
         emptied).  -EBUSY, with nothing changed, if a live range overlaps."""
         if lo_pfn > hi_pfn or hi_pfn == U64_MAX:
-            raise error_for(errno.EINVAL, Reason.IOVA_RANGE, lo_pfn, hi_pfn)
+            raise error_for(errno.EINVAL, Reason.IOVA_RANGE, value=lo_pfn, limit=hi_pfn)
         overlaps_cached = False
         n = len(self._lo)
         j = bisect_left(self._hi, lo_pfn)   # the first range ending at or after lo_pfn
         while j < n and self._lo[j] <= hi_pfn:
             state = self._state[j]
             if state == IOVA_RANGE_LIVE:
-                raise error_for(errno.EBUSY, Reason.IOVA_BUSY, self._lo[j], self._hi[j])
+                raise error_for(errno.EBUSY, Reason.IOVA_BUSY, value=self._lo[j],
+                                limit=self._hi[j])
             if state == IOVA_RANGE_CACHED:
                 overlaps_cached = True
             j += 1
@@ -483,7 +485,7 @@ class IovaDomain:
         """iova_find: (pfn_lo, pfn_hi, state) of the range holding pfn."""
         i = self._index_containing(pfn)
         if i < 0:
-            raise error_for(errno.ENOENT, Reason.IOVA_NOT_FOUND, 0, pfn)
+            raise error_for(errno.ENOENT, Reason.IOVA_NOT_FOUND, value=pfn)
         return self._lo[i], self._hi[i], self._state[i]
 
     def flush_rcache(self) -> None:

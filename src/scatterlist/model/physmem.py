@@ -24,6 +24,7 @@ import threading
 from array import array
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
+from .._util import reinit_after_fork
 from ..errors import Reason, error_for
 
 GROUP_PAGES = 512  # SL_GROUP_PAGES
@@ -72,9 +73,9 @@ class PhysMem:
     def __init__(self, size_bytes: int, page_size: int) -> None:
         # The checks of physmem_create, in its order: page size first, then size.
         if not is_valid_page_size(page_size):
-            raise error_for(errno.EINVAL, Reason.PAGE_SIZE, 0, page_size)
+            raise error_for(errno.EINVAL, Reason.PAGE_SIZE, value=page_size)
         if size_bytes == 0 or size_bytes % page_size != 0 or size_bytes > MAX_MEMORY_BYTES:
-            raise error_for(errno.EINVAL, Reason.MEMORY_SIZE, 0, size_bytes)
+            raise error_for(errno.EINVAL, Reason.MEMORY_SIZE, value=size_bytes)
         self.page_size = page_size
         self.page_shift = page_size.bit_length() - 1
         self.n_pages = size_bytes >> self.page_shift
@@ -85,6 +86,10 @@ class PhysMem:
         # Devices on several threads may share a memory: as in the C, every public call that
         # reads or changes the pages holds this lock (public calls never nest).
         self.lock = threading.Lock()
+        reinit_after_fork(self)
+
+    def _reinit_after_fork(self) -> None:
+        self.lock = threading.Lock()  # a parent thread may have held it at the fork
 
     # -- counters ----------------------------------------------------------------------
     @property
@@ -189,9 +194,9 @@ class PhysMem:
         """physmem_alloc_pages: the chosen pfns, all marked allocated, or an error and no
         change."""
         if layout not in (LAYOUT_CONTIGUOUS, LAYOUT_SCATTERED, LAYOUT_RANDOM):
-            raise error_for(errno.EINVAL, Reason.LAYOUT, 0, layout & U64_MASK)
+            raise error_for(errno.EINVAL, Reason.LAYOUT, value=layout & U64_MASK)
         if n_pages == 0:
-            raise error_for(errno.EINVAL, Reason.ZERO_PAGES, 0, 0)
+            raise error_for(errno.EINVAL, Reason.ZERO_PAGES)
         with self.lock:
             return self._alloc_pages_locked(n_pages, layout, seed)
 
@@ -205,7 +210,7 @@ class PhysMem:
             else:
                 chosen = self._choose_random(n_pages, seed)
         if chosen is None:
-            raise error_for(errno.ENOMEM, Reason.OUT_OF_PAGES, 0, n_pages)
+            raise error_for(errno.ENOMEM, Reason.OUT_OF_PAGES, value=n_pages)
         # Mark them; pfns arrive ascending, so consecutive pfns mostly share a group.
         group_index = -1
         group = PageGroup()
@@ -227,15 +232,15 @@ class PhysMem:
     def _free_pages_locked(self, pfns: Sequence[int]) -> None:
         for i, pfn in enumerate(pfns):
             if pfn >= self.n_pages:
-                raise error_for(errno.EINVAL, Reason.PHYS_RANGE, i, pfn)
+                raise error_for(errno.EINVAL, Reason.PHYS_RANGE, element=i, value=pfn)
             if not self.is_allocated(pfn):
-                raise error_for(errno.EINVAL, Reason.NOT_ALLOCATED, i, pfn)
+                raise error_for(errno.EINVAL, Reason.NOT_ALLOCATED, element=i, value=pfn)
         # The C finds a duplicate as "already cleared" while clearing, at the index of the
         # second occurrence, and puts everything back; the model just looks first.
         seen = set()
         for i, pfn in enumerate(pfns):
             if pfn in seen:
-                raise error_for(errno.EINVAL, Reason.DUPLICATE_PFN, i, pfn)
+                raise error_for(errno.EINVAL, Reason.DUPLICATE_PFN, element=i, value=pfn)
             seen.add(pfn)
         for pfn in pfns:
             group = self.groups[pfn // GROUP_PAGES]
@@ -248,7 +253,7 @@ class PhysMem:
     def check_range(self, phys: int, n_bytes: int) -> None:
         limit = self.n_pages << self.page_shift
         if phys > limit or n_bytes > limit - phys:
-            raise error_for(errno.EFAULT, Reason.PHYS_RANGE, 0, phys)
+            raise error_for(errno.EFAULT, Reason.PHYS_RANGE, value=phys)
 
     def _pieces(self, phys: int, n_bytes: int) -> Iterator[Tuple[int, int, int, int]]:
         """(pfn, offset in page, offset in the caller's buffer, length) per page touched."""

@@ -1,6 +1,6 @@
 """Scatter-gather tables in pure Python: the model of csrc/scatterlist.c.
 
-The structures are the kernel's (shared/spec/kernel-semantics.md, sections 1-5):
+The structures are the kernel's (``struct scatterlist``, ``struct sg_append_table``):
 
 * an :class:`Entry` is one ``struct scatterlist``.  Its ``page_link`` holds ``pfn << 2`` plus
   the flag bits SG_CHAIN and SG_END in the two low bits.  A chain slot (SG_CHAIN set) holds no
@@ -133,10 +133,10 @@ class SgTable:
 
     def __init__(self, page_size: int, max_segment_bytes: int) -> None:
         if not is_valid_page_size(page_size):
-            raise error_for(errno.EINVAL, Reason.PAGE_SIZE, 0, page_size)
+            raise error_for(errno.EINVAL, Reason.PAGE_SIZE, value=page_size)
         rounded = max_segment_bytes & ~(page_size - 1)   # the kernel's ALIGN_DOWN
         if rounded < page_size:
-            raise error_for(errno.EINVAL, Reason.MAX_SEGMENT, 0, max_segment_bytes)
+            raise error_for(errno.EINVAL, Reason.MAX_SEGMENT, value=max_segment_bytes)
         self.page_size = page_size
         self.page_shift = page_size.bit_length() - 1
         self.chunk_entries = page_size // SG_ENTRY_BYTES   # SG_MAX_SINGLE_ALLOC
@@ -158,6 +158,7 @@ class SgTable:
         self.dma_iova = 0
         self.dma_iova_len = 0
         self.dma_map_nents = 0
+        self.dma_mapped_count = 0   # the DMA segment count of the live mapping
 
     def free_entries(self) -> None:
         """sg_free_table: drops the chunks; the counters stay as they were."""
@@ -222,7 +223,7 @@ class SgTable:
         if pfns and max(pfns) > pfn_limit:
             for i, pfn in enumerate(pfns):
                 if pfn > pfn_limit:
-                    raise error_for(errno.EINVAL, Reason.PFN_RANGE, i, pfn)
+                    raise error_for(errno.EINVAL, Reason.PFN_RANGE, element=i, value=pfn)
 
     def append(self, pfns: Sequence[int], offset: int, size_bytes: int,
                left_pages: int) -> None:
@@ -231,19 +232,19 @@ class SgTable:
         shift = self.page_shift
         n_pages = len(pfns)
         if self.final:
-            raise error_for(errno.EINVAL, Reason.TABLE_FINAL, 0, 0)
+            raise error_for(errno.EINVAL, Reason.TABLE_FINAL)
         if n_pages == 0:
-            raise error_for(errno.EINVAL, Reason.ZERO_PAGES, 0, 0)
+            raise error_for(errno.EINVAL, Reason.ZERO_PAGES)
         if self.prv is not None and offset != 0:
-            raise error_for(errno.EINVAL, Reason.APPEND_OFFSET, 0, offset)
+            raise error_for(errno.EINVAL, Reason.APPEND_OFFSET, value=offset)
         if offset >= page_size:
-            raise error_for(errno.EINVAL, Reason.OFFSET, 0, offset)
+            raise error_for(errno.EINVAL, Reason.OFFSET, value=offset)
         if n_pages > (U64_MAX >> shift):
-            raise error_for(errno.EINVAL, Reason.SIZE, 0, size_bytes)
+            raise error_for(errno.EINVAL, Reason.SIZE, value=size_bytes)
         pages_bytes = n_pages << shift
         # size must end inside the last page.
         if size_bytes > pages_bytes - offset or size_bytes + offset <= pages_bytes - page_size:
-            raise error_for(errno.EINVAL, Reason.SIZE, 0, size_bytes)
+            raise error_for(errno.EINVAL, Reason.SIZE, value=size_bytes)
 
         # Merge into the previous call's last entry, as far as the pfns continue it.
         prv = self.prv
@@ -255,7 +256,7 @@ class SgTable:
             if pfns[0] == next_pfn:
                 if prv_end & (page_size - 1):
                     # The kernel would stretch prv over the rest of the page it ends inside.
-                    raise error_for(errno.EINVAL, Reason.MID_PAGE_REPEAT, 0, pfns[0])
+                    raise error_for(errno.EINVAL, Reason.MID_PAGE_REPEAT, value=pfns[0])
                 last_pfn = next_pfn - 1
                 merged_length = prv.length
                 while (merged < n_pages and pfns[merged] == last_pfn + 1
@@ -265,7 +266,7 @@ class SgTable:
                     merged += 1
                 # Merged pages count whole, so a partial size would be silently ignored.
                 if merged and size_bytes != pages_bytes:
-                    raise error_for(errno.EINVAL, Reason.MERGE_PARTIAL, 0, size_bytes)
+                    raise error_for(errno.EINVAL, Reason.MERGE_PARTIAL, value=size_bytes)
 
         # The pfns' range is checked after the merge checks: the C's order (it checks them
         # while counting entries).
@@ -273,7 +274,7 @@ class SgTable:
         starts = self._segment_starts(pfns, merged)
         chunks = len(starts)   # the kernel's name: entries this call adds
         if self.total_nents + chunks + self.chunk_entries > U32_MAX:
-            raise error_for(errno.EINVAL, Reason.TOO_MANY_ENTRIES, 0, chunks)
+            raise error_for(errno.EINVAL, Reason.TOO_MANY_ENTRIES, value=chunks)
 
         # Nothing can fail from here on.
         if prv is not None and merged:
@@ -303,20 +304,20 @@ class SgTable:
         table must be empty; it becomes final."""
         n_entries = len(rows) // 3
         if self.final or self.prv is not None:
-            raise error_for(errno.EINVAL, Reason.TABLE_FINAL, 0, 0)
+            raise error_for(errno.EINVAL, Reason.TABLE_FINAL)
         if n_entries == 0:
-            raise error_for(errno.EINVAL, Reason.ZERO_PAGES, 0, 0)
+            raise error_for(errno.EINVAL, Reason.ZERO_PAGES)
         pfn_limit = (1 << (63 - self.page_shift)) - 1
         for i in range(n_entries):
             pfn, offset, length = rows[3 * i], rows[3 * i + 1], rows[3 * i + 2]
             if pfn > pfn_limit:
-                raise error_for(errno.EINVAL, Reason.PFN_RANGE, i, pfn)
+                raise error_for(errno.EINVAL, Reason.PFN_RANGE, element=i, value=pfn)
             if offset > U32_MAX:
-                raise error_for(errno.EINVAL, Reason.OFFSET, i, offset)
+                raise error_for(errno.EINVAL, Reason.OFFSET, element=i, value=offset)
             if length == 0 or length > U32_MAX:
-                raise error_for(errno.EINVAL, Reason.ENTRY_LENGTH, i, length)
+                raise error_for(errno.EINVAL, Reason.ENTRY_LENGTH, element=i, value=length)
         if n_entries + self.chunk_entries > U32_MAX:
-            raise error_for(errno.EINVAL, Reason.TOO_MANY_ENTRIES, 0, n_entries)
+            raise error_for(errno.EINVAL, Reason.TOO_MANY_ENTRIES, value=n_entries)
 
         # Nothing can fail from here on.  With left_pages == 0 get_next_sg lays the entries out
         # exactly as sg_alloc_table(n_entries) would: full chunks chained, the last one sized
@@ -349,13 +350,14 @@ class SgTable:
             total += sg.length
             if total >= len_bytes:
                 return count
-        raise error_for(errno.EINVAL, Reason.NENTS_FOR_LEN, count, total)
+        raise error_for(errno.EINVAL, Reason.NENTS_FOR_LEN, value=len_bytes, limit=total)
 
     def _first_entries(self, n_entries: int) -> List[Entry]:
         """The first n_entries entries, walked with sg_next; an error if the list is short."""
         entries = list(islice(self.walk(), n_entries))
         if len(entries) < n_entries:
-            raise error_for(errno.EINVAL, Reason.NENTS_FOR_LEN, len(entries), n_entries)
+            raise error_for(errno.EINVAL, Reason.NENTS_RANGE, value=n_entries,
+                            limit=len(entries))
         return entries
 
     def export_cpu(self, n_entries: int) -> "array[int]":
@@ -394,12 +396,13 @@ class SgTable:
         """sg_copy_buffer over orig_nents entries: table -> buf when to_buffer, else
         buf -> table.  Returns the bytes copied (0 when skip runs past the end)."""
         if mem.page_size != self.page_size:
-            raise error_for(errno.EINVAL, Reason.PAGE_SIZE_MISMATCH, 0, mem.page_size)
+            raise error_for(errno.EINVAL, Reason.PAGE_SIZE_MISMATCH, value=mem.page_size,
+                            limit=self.page_size)
         # Every entry must lie inside the memory before a byte moves.
         mem_end = mem.n_pages << self.page_shift
         for i, sg in enumerate(self.walk_cpu()):
             if (sg.pfn << self.page_shift) + sg.offset + sg.length > mem_end:
-                raise error_for(errno.EFAULT, Reason.PHYS_RANGE, i, sg.pfn)
+                raise error_for(errno.EFAULT, Reason.PHYS_RANGE, element=i, value=sg.pfn)
         buflen = len(buf)
         copied = 0
         for sg in self.walk_cpu():
