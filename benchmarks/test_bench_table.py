@@ -6,9 +6,9 @@ The model gets one round on the largest size; its per-page cost is what matters 
 from __future__ import annotations
 
 import pytest
+from bench_data import pfns_for
 
 import scatterlist as sg
-from bench_data import pfns_for
 
 SIZES = (1_000, 65_536, 1_048_576)
 LAYOUTS = ("contiguous", "scattered", "random")

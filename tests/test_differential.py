@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, List, Optional, Tuple
 
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 import scatterlist as sg
 

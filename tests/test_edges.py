@@ -9,9 +9,9 @@ import threading
 from typing import Any
 
 import pytest
+from helpers import PAGE, InThread, Pause
 
 import scatterlist as sg
-from helpers import PAGE, InThread, Pause
 from scatterlist import DataDirection as Dir
 from scatterlist import debug
 

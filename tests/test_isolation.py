@@ -13,9 +13,9 @@ import warnings
 from typing import Any, List
 
 import pytest
+from helpers import PAGE, EngineHook
 
 import scatterlist as sg
-from helpers import PAGE, EngineHook
 from scatterlist import DataDirection as Dir
 from scatterlist import debug
 

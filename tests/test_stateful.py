@@ -34,8 +34,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from hypothesis import HealthCheck, Phase, event, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, precondition,
-                                 rule)
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 import scatterlist as sg
 from scatterlist import DataDirection as Dir
@@ -387,7 +386,7 @@ class LockstepMachine(RuleBasedStateMachine):
         for rec in list(self.pages):
             self.both("teardown Pages.close", lambda w: rec.objs[w].close())
             self.pages.remove(rec)
-        for w, world in enumerate(self.worlds):
+        for world in self.worlds:
             assert world.iommu.mapped_pages == 0, world.engine
             assert world.iommu.iova_ranges() == [], world.engine
             assert world.mem.free_pages == world.mem.n_pages, world.engine

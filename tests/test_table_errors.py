@@ -6,9 +6,9 @@ from array import array
 
 import numpy as np
 import pytest
+from helpers import cpu_rows
 
 import scatterlist as sg
-from helpers import cpu_rows
 
 PAGE = 4096
 

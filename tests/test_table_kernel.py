@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from helpers import cpu_rows
 
 import scatterlist as sg
-from helpers import cpu_rows
 
 PAGE = 4096
 

@@ -8,16 +8,40 @@ constructors also take ``engine=``.  ``scatterlist.engine`` names the default in
 from __future__ import annotations
 
 from . import _engine, debug, faults
-from .constants import (DMA_BIT_MASK, IOMMU_READ, IOMMU_WRITE, MAX_SEGMENT_UNLIMITED,
-                        PAGE_SIZE, DataDirection)
+from .constants import (
+                        DMA_BIT_MASK,
+                        IOMMU_READ,
+                        IOMMU_WRITE,
+                        MAX_SEGMENT_UNLIMITED,
+                        PAGE_SIZE,
+                        DataDirection,
+)
 from .device import Device
-from .dma import (dma_map_sg, dma_map_sgtable, dma_sync_sg_for_cpu, dma_sync_sg_for_device,
-                  dma_sync_sgtable_for_cpu, dma_sync_sgtable_for_device,
-                  dma_sync_single_for_cpu, dma_sync_single_for_device, dma_unmap_sg,
-                  dma_unmap_sgtable)
-from .errors import (BusyError, ClosedError, DeviceUnbound, DmaApiError, DmaApiWarning,
-                     InvalidArgument, IommuFault, MappingError, OutOfMemory, Reason,
-                     ScatterlistError)
+from .dma import (
+                        dma_map_sg,
+                        dma_map_sgtable,
+                        dma_sync_sg_for_cpu,
+                        dma_sync_sg_for_device,
+                        dma_sync_sgtable_for_cpu,
+                        dma_sync_sgtable_for_device,
+                        dma_sync_single_for_cpu,
+                        dma_sync_single_for_device,
+                        dma_unmap_sg,
+                        dma_unmap_sgtable,
+)
+from .errors import (
+                        BusyError,
+                        ClosedError,
+                        DeviceUnbound,
+                        DmaApiError,
+                        DmaApiWarning,
+                        InvalidArgument,
+                        IommuFault,
+                        MappingError,
+                        OutOfMemory,
+                        Reason,
+                        ScatterlistError,
+)
 from .iommu import FaultRecord, Iommu, IovaRange
 from .memory import Pages, PhysicalMemory
 from .sgtable import Borrowed, Owned, SGTable

@@ -20,7 +20,7 @@ from .dma import dma_map_sgtable, dma_unmap_sgtable
 from .iommu import Iommu
 from .memory import PhysicalMemory
 from .sgtable import SGTable
-from .table import alloc_table_from_pages
+from .table import RawTable, alloc_table_from_pages
 
 LAYOUTS = ("contiguous", "scattered", "random")
 DEFAULT_SIZES = (1_000, 65_536, 1_048_576)
@@ -76,7 +76,7 @@ def bench_build(sizes: Sequence[int] = DEFAULT_SIZES, layouts: Sequence[str] = L
             for engine in engines:
                 get_engine(engine)  # import outside the timed region
 
-                def build(engine: str = engine) -> None:
+                def build(engine: str = engine, pfns: "array[int]" = pfns) -> None:
                     alloc_table_from_pages(pfns, engine=engine).close()
 
                 count = runs_for(engine, n_pages, runs)
@@ -108,7 +108,7 @@ def bench_dma(sizes: Sequence[int] = DEFAULT_SIZES, engines: Sequence[str] = ("n
                        "direct": Device(mem, dma_mask=DMA_BIT_MASK(64))}
             table = alloc_table_from_pages(pfns, engine=engine)
             for mode, dev in devices.items():
-                def map_unmap(dev: Device = dev) -> None:
+                def map_unmap(dev: Device = dev, table: RawTable = table) -> None:
                     dma_map_sgtable(dev, table, to_device)
                     dma_unmap_sgtable(dev, table, to_device)
 

@@ -18,7 +18,7 @@ from typing import Any, Callable, ContextManager, Dict, List, Optional, Protocol
 from . import debug as dma_debug
 from ._engine import DeviceLimits, Engine
 from ._util import Lifetime, require_range
-from .constants import IOMMU_READ, IOMMU_WRITE, U32_MAX, U64_MAX, DMA_BIT_MASK
+from .constants import DMA_BIT_MASK, IOMMU_READ, U32_MAX, U64_MAX
 from .errors import BusyError, ClosedError, InvalidArgument, OutOfMemory, Reason, error_for
 from .iommu import Iommu
 from .memory import PhysicalMemory

@@ -19,7 +19,6 @@ from .constants import U64_MAX
 from .errors import InvalidArgument, OutOfMemory
 from .iommu import Iommu
 
-
 #: drop_mapping and restrict_permissions look at every granule of their range: at most 1 GiB.
 MAX_WALK_BYTES = 1 << 30
 
@@ -69,7 +68,8 @@ def drop_mapping(iommu: Iommu, iova: int, size_bytes: int) -> int:
     dropped = 0
     granule = iommu.granule
     start = require_range("iova", iova, 0, U64_MAX) // granule * granule
-    end = start + -(-require_range("size_bytes", size_bytes, 1, MAX_WALK_BYTES) // granule) * granule
+    walk_bytes = require_range("size_bytes", size_bytes, 1, MAX_WALK_BYTES)
+    end = start + -(-walk_bytes // granule) * granule
     for page in range(start, end, granule):
         if iommu.lookup(page) is not None:
             dropped += iommu.unmap(page, granule)
@@ -83,7 +83,8 @@ def restrict_permissions(iommu: Iommu, iova: int, size_bytes: int, prot: int) ->
     prot = require_range("prot", prot, 0, 3)
     granule = iommu.granule
     start = require_range("iova", iova, 0, U64_MAX) // granule * granule
-    end = start + -(-require_range("size_bytes", size_bytes, 1, MAX_WALK_BYTES) // granule) * granule
+    walk_bytes = require_range("size_bytes", size_bytes, 1, MAX_WALK_BYTES)
+    end = start + -(-walk_bytes // granule) * granule
     changed = 0
     for page in range(start, end, granule):
         found = iommu.lookup(page)

@@ -22,8 +22,7 @@ from typing import List, NamedTuple, Optional, Tuple
 
 from .._contract import DeviceLimits, TableMapping
 from .._util import reinit_after_fork
-from ..constants import (DMA_MAPPING_ERROR, IOMMU_READ, IOMMU_WRITE, U32_MAX, U64_MAX,
-                         DataDirection)
+from ..constants import DMA_MAPPING_ERROR, IOMMU_READ, IOMMU_WRITE, U32_MAX, U64_MAX, DataDirection
 from ..errors import Reason, ScatterlistError, error_for
 from .cargs import byte_view, c_int, u32, u64
 from .iommu import IommuDomain
