@@ -20,7 +20,7 @@ class NicModel:
         """Write an incoming packet into the receive buffer, segment by segment."""
         done = 0
         for address, length in rx_segments:
-            piece = packet[done:done + length]
+            piece = packet[done : done + length]
             if not piece:
                 break
             self.device.dma_write(address, piece)

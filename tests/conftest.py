@@ -10,10 +10,12 @@ from hypothesis import HealthCheck, settings
 
 import scatterlist as sg
 
-settings.register_profile("ci", max_examples=150, deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow])
-settings.register_profile("fuzz", max_examples=5000, deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile(
+    "ci", max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.register_profile(
+    "fuzz", max_examples=5000, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 settings.load_profile(os.environ.get("SCATTERLIST_HYPOTHESIS_PROFILE", "ci"))
 
 ENGINES = ("native", "model")
@@ -43,8 +45,8 @@ def memory(engine: str) -> sg.PhysicalMemory:
 class System(NamedTuple):
     mem: sg.PhysicalMemory
     iommu: sg.Iommu
-    dev: sg.Device      #: "nic", behind the IOMMU
-    direct: sg.Device   #: "direct", without one
+    dev: sg.Device  #: "nic", behind the IOMMU
+    direct: sg.Device  #: "direct", without one
 
 
 @pytest.fixture
@@ -54,5 +56,6 @@ def system(engine: str) -> System:
     settings changes them on these objects (see test_debug's ``debugged``)."""
     mem = sg.PhysicalMemory(64 << 20, engine=engine)
     iommu = sg.Iommu(mem)
-    return System(mem, iommu, sg.Device(mem, iommu=iommu, name="nic"),
-                  sg.Device(mem, name="direct"))
+    return System(
+        mem, iommu, sg.Device(mem, iommu=iommu, name="nic"), sg.Device(mem, name="direct")
+    )

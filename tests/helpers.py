@@ -22,8 +22,7 @@ class EngineHook:
     The engines are shared by all objects of the process, so hooks should act only on the
     handles of the test's own objects (a collected table of another test may pass through)."""
 
-    def __init__(self, engine: str, method: str,
-                 hook: Callable[..., Any]) -> None:
+    def __init__(self, engine: str, method: str, hook: Callable[..., Any]) -> None:
         self.engine = get_engine(engine)
         self.method = method
         self.hook = hook
@@ -51,8 +50,15 @@ class Pause(EngineHook):
     """Hold the first matching call of an engine method until :meth:`resume`: ``entered`` is
     set once it is held (before the real call, or after it with ``after=True``)."""
 
-    def __init__(self, engine: str, method: str, *, when: Callable[..., bool] = lambda *a: True,
-                 after: bool = False, timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        engine: str,
+        method: str,
+        *,
+        when: Callable[..., bool] = lambda *a: True,
+        after: bool = False,
+        timeout: float = 10.0,
+    ) -> None:
         super().__init__(engine, method, self._call)
         self.when = when
         self.after = after

@@ -34,8 +34,11 @@ def test_the_c_core_has_no_python():
 
 def test_only_native_module_touches_the_extension():
     package = ROOT / "src" / "scatterlist"
-    touching = {path.name for path in package.rglob("*.py")
-                if "_sg" in path.read_text() and "from ._sg" in path.read_text()}
+    touching = {
+        path.name
+        for path in package.rglob("*.py")
+        if "_sg" in path.read_text() and "from ._sg" in path.read_text()
+    }
     assert touching == {"_native.py"}
 
 

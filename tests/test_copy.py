@@ -9,15 +9,14 @@ import scatterlist as sg
 
 def test_round_trip_through_scattered_pages(memory):
     pages = memory.alloc_pages(5, "scattered")
-    t = sg.alloc_table_from_pages(pages.pfns, offset=100, size=5 * 4096 - 300,
-                                  engine=memory.engine)
+    t = sg.alloc_table_from_pages(pages.pfns, offset=100, size=5 * 4096 - 300, engine=memory.engine)
     data = bytes((i * 7) % 251 for i in range(5 * 4096 - 300))
     assert t.copy_from_buffer(memory, data) == len(data)
     assert t.copy_to_buffer(memory) == data
     # The bytes landed where the entries say.
     for entry in t:
-        start = sum(e.length for e in t.entries()[:entry.index])
-        assert memory.read(entry.phys, entry.length) == data[start:start + entry.length]
+        start = sum(e.length for e in t.entries()[: entry.index])
+        assert memory.read(entry.phys, entry.length) == data[start : start + entry.length]
 
 
 def test_skip_and_short_copies(memory):

@@ -18,8 +18,9 @@ def debugged(system):
     """The shared system with dma-debug raising on "nic", and a second device "disk" on the
     same IOMMU (raising too) in place of the direct one."""
     system.dev.debug = "raise"
-    return system._replace(direct=sg.Device(system.mem, iommu=system.iommu, name="disk",
-                                            debug="raise"))
+    return system._replace(
+        direct=sg.Device(system.mem, iommu=system.iommu, name="disk", debug="raise")
+    )
 
 
 def scattered(mem, n):
@@ -32,8 +33,11 @@ def test_the_classic_nents_bug_is_caught(debugged):
     count = sg.dma_map_sg(dev, t, t.orig_nents, Dir.TO_DEVICE)
     assert count == 1 < t.orig_nents  # the IOMMU merged the four pages
     assert t.nents == 4  # dma_map_sg leaves the table's nents alone
-    with pytest.raises(sg.DmaApiError, match=r"different entry count \[map count=4\] "
-                                             r"\[unmap count=1\]") as info:
+    with pytest.raises(
+        sg.DmaApiError,
+        match=r"different entry count \[map count=4\] "
+        r"\[unmap count=1\]",
+    ) as info:
         sg.dma_unmap_sg(dev, t, count, Dir.TO_DEVICE)
     assert info.value.rule == "unmap-entry-count"
     assert "test_the_classic_nents_bug_is_caught" in str(info.value)  # where it was mapped
@@ -50,8 +54,9 @@ def test_warn_mode_reports_and_goes_on(debugged):
     t = scattered(mem, 3)
     sg.dma_map_sg(dev, t, 3, Dir.FROM_DEVICE)
     before = dev.debug_error_count
-    with pytest.warns(sg.DmaApiWarning, match="different direction.*DMA_FROM_DEVICE.*"
-                                              "DMA_TO_DEVICE"):
+    with pytest.warns(
+        sg.DmaApiWarning, match="different direction.*DMA_FROM_DEVICE.*DMA_TO_DEVICE"
+    ):
         sg.dma_unmap_sg(dev, t, 3, Dir.TO_DEVICE)
     assert not t.mapped  # the unmap happened, as in the kernel
     assert dev.debug_error_count == before + 1
@@ -61,8 +66,9 @@ def test_unmap_of_memory_never_mapped_or_mapped_by_another_device(debugged):
     mem, _, dev, other = debugged
     t = scattered(mem, 2)
     sg.dma_map_sgtable(other, t, Dir.TO_DEVICE)
-    with pytest.raises(sg.DmaApiError, match="free DMA memory it has not allocated.*"
-                                             "mapped by device 'disk'") as info:
+    with pytest.raises(
+        sg.DmaApiError, match="free DMA memory it has not allocated.*mapped by device 'disk'"
+    ) as info:
         sg.dma_unmap_sgtable(dev, t, Dir.TO_DEVICE)
     assert info.value.rule == "unmap-not-mapped"
     sg.dma_unmap_sgtable(other, t, Dir.TO_DEVICE)
@@ -92,8 +98,11 @@ def test_map_time_segment_checks_undo_the_map(debugged):
     mem, iommu, dev, _ = debugged
     # A 128 KiB CPU entry: longer than the 64 KiB the device claims to support.
     t = sg.alloc_table_from_entries([(0, 0, 32 * PAGE), (64, 0, PAGE)], engine=mem.engine)
-    with pytest.raises(sg.DmaApiError, match=r"longer than device claims to support "
-                                             r"\[len=131072\] \[max=65536\]"):
+    with pytest.raises(
+        sg.DmaApiError,
+        match=r"longer than device claims to support "
+        r"\[len=131072\] \[max=65536\]",
+    ):
         sg.dma_map_sgtable(dev, t, Dir.TO_DEVICE)
     assert not t.mapped and iommu.mapped_pages == 0 and iommu.iova_ranges() == []
     dev.debug = "warn"
@@ -136,8 +145,11 @@ def test_pending_mappings_at_unbind(debugged):
     sg.dma_map_sgtable(dev, leaked, Dir.TO_DEVICE)  # this line is in the report
     owned = sg.SGTable.new(dev, mem.alloc_pages(2), Dir.TO_DEVICE)  # released by Devres
     assert len(debug.dump(dev)) == 2
-    with pytest.raises(sg.DmaApiError, match=r"pending DMA allocations while released from "
-                                             r"device \[count=1\]") as info:
+    with pytest.raises(
+        sg.DmaApiError,
+        match=r"pending DMA allocations while released from "
+        r"device \[count=1\]",
+    ) as info:
         dev.unbind()
     assert "test_pending_mappings_at_unbind" in str(info.value)
     assert owned.revoked and not dev.bound
@@ -155,7 +167,7 @@ def test_off_mode_records_nothing(engine):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         sg.dma_unmap_sg(dev, t, count, Dir.TO_DEVICE)  # the bug goes unnoticed, as in the
-    assert not t.mapped                                 # kernel without dma-debug
+    assert not t.mapped  # kernel without dma-debug
 
 
 def test_global_mode_and_counts(engine):

@@ -18,13 +18,21 @@ def systems(draw: st.DrawFn) -> dict:
     page_size = draw(st.sampled_from([4096, 16384, 65536]))
     granule = draw(st.sampled_from([g for g in (4096, 16384, 65536) if g <= page_size]))
     return dict(
-        page_size=page_size, granule=granule,
+        page_size=page_size,
+        granule=granule,
         use_iommu=draw(st.booleans()),
         dma_mask_bits=draw(st.sampled_from([20, 24, 32, 40, 64])),
         boundary_bits=draw(st.sampled_from([16, 17, 20, 32, 64])),
         max_segment_size=draw(st.sampled_from([4096, 65536, 65536 + 512, 1 << 20, 0xFFFFFFFF])),
-        direction=draw(st.sampled_from([sg.DataDirection.TO_DEVICE, sg.DataDirection.FROM_DEVICE,
-                                        sg.DataDirection.BIDIRECTIONAL])),
+        direction=draw(
+            st.sampled_from(
+                [
+                    sg.DataDirection.TO_DEVICE,
+                    sg.DataDirection.FROM_DEVICE,
+                    sg.DataDirection.BIDIRECTIONAL,
+                ]
+            )
+        ),
     )
 
 
@@ -34,8 +42,12 @@ def entry_rows(draw: st.DrawFn, page_size: int) -> List[Row]:
     pfn = draw(st.integers(0, 200))
     for _ in range(draw(st.integers(1, 24))):
         offset = draw(st.sampled_from([0, 0, 0, 512, 100, page_size - 1, page_size + 8]))
-        length = draw(st.one_of(st.integers(1, 3 * page_size),
-                                st.sampled_from([page_size, 2 * page_size, 16 * page_size])))
+        length = draw(
+            st.one_of(
+                st.integers(1, 3 * page_size),
+                st.sampled_from([page_size, 2 * page_size, 16 * page_size]),
+            )
+        )
         rows.append((pfn, offset, length))
         pfn += -(-(offset + length) // page_size) + draw(st.sampled_from([0, 0, 1, 5]))
     return rows
@@ -51,19 +63,33 @@ def outcome(fn: Any) -> Tuple[str, Any]:
 def run(engine: str, config: dict, rows: List[Row], pages_mode: bool) -> List[Any]:
     mem = sg.PhysicalMemory(4096 * config["page_size"], config["page_size"], engine=engine)
     iommu = sg.Iommu(mem, config["granule"]) if config["use_iommu"] else None
-    dev = sg.Device(mem, iommu=iommu, dma_mask=sg.DMA_BIT_MASK(config["dma_mask_bits"]),
-                    seg_boundary_mask=sg.DMA_BIT_MASK(config["boundary_bits"]),
-                    max_segment_size=config["max_segment_size"])
+    dev = sg.Device(
+        mem,
+        iommu=iommu,
+        dma_mask=sg.DMA_BIT_MASK(config["dma_mask_bits"]),
+        seg_boundary_mask=sg.DMA_BIT_MASK(config["boundary_bits"]),
+        max_segment_size=config["max_segment_size"],
+    )
     if pages_mode:
         pfns = [r[0] for r in rows]
-        table = sg.alloc_table_from_pages(pfns, offset=rows[0][1] % config["page_size"],
-                                          page_size=config["page_size"], engine=engine)
+        table = sg.alloc_table_from_pages(
+            pfns,
+            offset=rows[0][1] % config["page_size"],
+            page_size=config["page_size"],
+            engine=engine,
+        )
     else:
         table = sg.alloc_table_from_entries(rows, config["page_size"], engine=engine)
     seen: List[Any] = []
     seen.append(outcome(lambda: sg.dma_map_sgtable(dev, table, config["direction"])))
-    seen.append((table.nents, table.orig_nents, list(table.export_cpu()),
-                 list(table.export_dma(table.orig_nents))))
+    seen.append(
+        (
+            table.nents,
+            table.orig_nents,
+            list(table.export_cpu()),
+            list(table.export_dma(table.orig_nents)),
+        )
+    )
     if iommu is not None:
         seen.append((iommu.mapped_pages, iommu.iova_ranges(cached=True)))
     if table.mapped:
@@ -98,11 +124,16 @@ def test_sequences_of_maps_match(config: dict, data: st.DataObject, n_tables: in
     for engine in ("native", "model"):
         mem = sg.PhysicalMemory(4096 * config["page_size"], config["page_size"], engine=engine)
         iommu = sg.Iommu(mem, config["granule"])
-        dev = sg.Device(mem, iommu=iommu, dma_mask=sg.DMA_BIT_MASK(config["dma_mask_bits"]),
-                        seg_boundary_mask=sg.DMA_BIT_MASK(config["boundary_bits"]),
-                        max_segment_size=config["max_segment_size"])
-        built = [sg.alloc_table_from_entries(rows, config["page_size"], engine=engine)
-                 for rows in tables]
+        dev = sg.Device(
+            mem,
+            iommu=iommu,
+            dma_mask=sg.DMA_BIT_MASK(config["dma_mask_bits"]),
+            seg_boundary_mask=sg.DMA_BIT_MASK(config["boundary_bits"]),
+            max_segment_size=config["max_segment_size"],
+        )
+        built = [
+            sg.alloc_table_from_entries(rows, config["page_size"], engine=engine) for rows in tables
+        ]
         seen = []
         for t in built:
             seen.append(outcome(lambda: sg.dma_map_sgtable(dev, t, config["direction"])))

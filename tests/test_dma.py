@@ -17,10 +17,12 @@ def dma_rows(table):
 
 # -- worked examples of spec section 8 --------------------------------------------------
 
+
 def test_unaligned_last_entry_opens_a_new_segment(system):
     mem, iommu, dev, _ = system
-    t = sg.alloc_table_from_entries([(100, 0, 4096), (200, 0, 8192), (300, 512, 1000)],
-                                    engine=mem.engine)
+    t = sg.alloc_table_from_entries(
+        [(100, 0, 4096), (200, 0, 8192), (300, 512, 1000)], engine=mem.engine
+    )
     sg.dma_map_sgtable(dev, t, Dir.BIDIRECTIONAL)
     (block,) = iommu.iova_ranges()
     assert block.size_bytes == 16384
@@ -29,8 +31,11 @@ def test_unaligned_last_entry_opens_a_new_segment(system):
     assert dma_rows(t) == [(iova, 12288), (iova + 12288 + 512, 1000)]
     assert list(t.export_dma(3))[4:] == [DMA_MAPPING_ERROR, 0]
     # CPU fields are restored exactly.
-    assert [(e.pfn, e.offset, e.length) for e in t] == [(100, 0, 4096), (200, 0, 8192),
-                                                       (300, 512, 1000)]
+    assert [(e.pfn, e.offset, e.length) for e in t] == [
+        (100, 0, 4096),
+        (200, 0, 8192),
+        (300, 512, 1000),
+    ]
     sg.dma_unmap_sgtable(dev, t, Dir.BIDIRECTIONAL)
 
 
@@ -83,8 +88,9 @@ def test_large_offsets_with_big_pages_and_small_granules(engine):
     mem = sg.PhysicalMemory(256 * 16384, 16384, engine=engine)
     iommu = sg.Iommu(mem, granule=4096)
     dev = sg.Device(mem, iommu=iommu)
-    t = sg.alloc_table_from_pages([3, 9], offset=5000, size=2 * 16384 - 5000,
-                                  page_size=16384, engine=engine)
+    t = sg.alloc_table_from_pages(
+        [3, 9], offset=5000, size=2 * 16384 - 5000, page_size=16384, engine=engine
+    )
     sg.dma_map_sgtable(dev, t, Dir.FROM_DEVICE)
     iova = iommu.iova_ranges()[0].start
     # 5000 = 4096 + 904: the in-granule offset is 904 and the entry starts one granule in.
@@ -95,10 +101,10 @@ def test_large_offsets_with_big_pages_and_small_granules(engine):
 
 # -- direct mapping ---------------------------------------------------------------------
 
+
 def test_direct_mapping_is_one_to_one(system):
     mem, _, _, direct = system
-    t = sg.alloc_table_from_pages([7, 8, 20], offset=10, size=3 * PAGE - 20,
-                                  engine=mem.engine)
+    t = sg.alloc_table_from_pages([7, 8, 20], offset=10, size=3 * PAGE - 20, engine=mem.engine)
     sg.dma_map_sgtable(direct, t, Dir.BIDIRECTIONAL)
     assert dma_rows(t) == [(7 * PAGE + 10, 2 * PAGE - 10), (20 * PAGE, PAGE - 10)]
     assert t.nents == t.orig_nents == 2
@@ -127,18 +133,25 @@ def test_direct_mapping_above_the_dma_mask_fails_with_eio(engine):
 
 # -- permissions, faults, unmap -----------------------------------------------------------
 
-@pytest.mark.parametrize("direction, may_read, may_write", [
-    (Dir.TO_DEVICE, True, False), (Dir.FROM_DEVICE, False, True),
-    (Dir.BIDIRECTIONAL, True, True),
-])
+
+@pytest.mark.parametrize(
+    "direction, may_read, may_write",
+    [
+        (Dir.TO_DEVICE, True, False),
+        (Dir.FROM_DEVICE, False, True),
+        (Dir.BIDIRECTIONAL, True, True),
+    ],
+)
 def test_permissions_follow_the_direction(system, direction, may_read, may_write):
     mem, iommu, dev, _ = system
     pages = mem.alloc_pages(3, "scattered")
     t = sg.alloc_table_from_pages(pages.pfns, engine=mem.engine)
     sg.dma_map_sgtable(dev, t, direction)
     addr = t.dma_entries()[0].dma_address
-    for allowed, attempt in ((may_read, lambda: dev.dma_read(addr, 8)),
-                             (may_write, lambda: dev.dma_write(addr, b"x" * 8))):
+    for allowed, attempt in (
+        (may_read, lambda: dev.dma_read(addr, 8)),
+        (may_write, lambda: dev.dma_write(addr, b"x" * 8)),
+    ):
         if allowed:
             attempt()
         else:
@@ -242,11 +255,16 @@ def test_sync_checks_the_mapping(system):
 
 # -- misuse -------------------------------------------------------------------------------
 
+
 def test_direction_none_is_refused_everywhere(system):
     mem, iommu, dev, _ = system
     t = sg.alloc_table_from_pages([1], engine=mem.engine)
-    for call in (sg.dma_map_sgtable, sg.dma_unmap_sgtable, sg.dma_sync_sgtable_for_cpu,
-                 sg.dma_sync_sgtable_for_device):
+    for call in (
+        sg.dma_map_sgtable,
+        sg.dma_unmap_sgtable,
+        sg.dma_sync_sgtable_for_cpu,
+        sg.dma_sync_sgtable_for_device,
+    ):
         with pytest.raises(sg.InvalidArgument, match="DMA_NONE is for debugging only"):
             call(dev, t, Dir.NONE)
     with pytest.raises(sg.InvalidArgument, match="not a DataDirection"):

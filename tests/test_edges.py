@@ -20,8 +20,7 @@ def padded_table(mem: sg.PhysicalMemory) -> sg.RawTable:
     """Two entries that iommu-dma lays out with boundary padding under a 64 KiB boundary:
     8 KiB, then 60 KiB, which would cross the boundary at IOVA offset 64 KiB, so 56 KiB of
     padding goes to the first entry."""
-    return sg.alloc_table_from_entries([(100, 0, 2 * PAGE), (300, 0, 15 * PAGE)],
-                                       engine=mem.engine)
+    return sg.alloc_table_from_entries([(100, 0, 2 * PAGE), (300, 0, 15 * PAGE)], engine=mem.engine)
 
 
 def test_boundary_padding_keeps_the_kernel_layout_and_exposes_memory(system: Any) -> None:
@@ -45,16 +44,20 @@ def test_dma_debug_reports_the_padding_exposure(system: Any) -> None:
     dev.debug = "raise"
     table = padded_table(mem)
     exposed = 102 * PAGE
-    with pytest.raises(sg.DmaApiError, match=rf"after sg entry 0 maps physical memory outside "
-                       rf"the table \[phys={exposed:#x}-{exposed + 14 * PAGE - 1:#x}\]") as info:
+    with pytest.raises(
+        sg.DmaApiError,
+        match=rf"after sg entry 0 maps physical memory outside "
+        rf"the table \[phys={exposed:#x}-{exposed + 14 * PAGE - 1:#x}\]",
+    ) as info:
         sg.dma_map_sgtable(dev, table, Dir.TO_DEVICE)
     assert info.value.rule == "map-padding-exposure"
     assert not table.mapped and iommu.mapped_pages == 0  # raise mode: the call changed nothing
     dev.debug = "off"
     sg.dma_map_sgtable(dev, table, Dir.TO_DEVICE)  # off: the kernel's layout, unreported
     sg.dma_unmap_sgtable(dev, table, Dir.TO_DEVICE)
-    assert debug._padding_exposures([(100, 0, 2 * PAGE), (300, 0, 15 * PAGE)], PAGE, PAGE,
-                                   0xFFFF) == [(0, exposed, 14 * PAGE)]
+    assert debug._padding_exposures(
+        [(100, 0, 2 * PAGE), (300, 0, 15 * PAGE)], PAGE, PAGE, 0xFFFF
+    ) == [(0, exposed, 14 * PAGE)]
 
 
 def test_a_dma_length_that_would_wrap_32_bits_is_refused(engine: str) -> None:
@@ -64,8 +67,7 @@ def test_a_dma_length_that_would_wrap_32_bits_is_refused(engine: str) -> None:
     mem = sg.PhysicalMemory(8 << 30, engine=engine)
     iommu = sg.Iommu(mem)
     dev = sg.Device(mem, iommu, dma_mask=sg.DMA_BIT_MASK(64))
-    table = sg.alloc_table_from_entries([(0, 0, 0xFFFFF000), (0xFFFFF, 0, PAGE)],
-                                        engine=engine)
+    table = sg.alloc_table_from_entries([(0, 0, 0xFFFFF000), (0xFFFFF, 0, PAGE)], engine=engine)
     dma_before = table.export_dma(2).tolist()
     for mode in ("off", "raise"):
         dev.debug = mode
@@ -118,8 +120,9 @@ def test_sgtable_new_names_the_device_limit_below_a_page(system: Any) -> None:
     mem, iommu, dev, _ = system
     dev.max_segment_size = 512
     pages = mem.alloc_pages(1)
-    with pytest.raises(sg.InvalidArgument, match="device's max_segment_size=512 is below one "
-                       "page") as info:
+    with pytest.raises(
+        sg.InvalidArgument, match="device's max_segment_size=512 is below one page"
+    ) as info:
         sg.SGTable.new(dev, pages, Dir.TO_DEVICE)
     assert "max_segment=" not in str(info.value)
     dev.max_segment_size = 65536
@@ -145,8 +148,7 @@ def test_fork_while_another_thread_is_inside_a_copy(engine: str) -> None:
             code = 1
             try:
                 signal.alarm(10)  # a deadlock must not hang the suite
-                ok = (table.copy_to_buffer(mem, 11) == b"before fork"
-                      and mem.read(0, 6) == b"before")
+                ok = table.copy_to_buffer(mem, 11) == b"before fork" and mem.read(0, 6) == b"before"
                 table.close()
                 mem.close()
                 code = 0 if ok and mem.closed else 2

@@ -15,8 +15,9 @@ from scatterlist.errors import Reason
 
 def run_python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
     full_env = dict(os.environ, **env)
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env=full_env, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=full_env, timeout=60
+    )
 
 
 def test_engine_attribute_follows_environment():
@@ -33,9 +34,11 @@ def test_bad_engine_name_fails_loudly():
 
 
 def test_model_engine_never_loads_the_extension():
-    out = run_python("import sys, scatterlist as sg; sg.alloc_table_from_pages([1, 2]); "
-                     "print('scatterlist._sg' in sys.modules, '_cffi_backend' in sys.modules)",
-                     SCATTERLIST_ENGINE="model")
+    out = run_python(
+        "import sys, scatterlist as sg; sg.alloc_table_from_pages([1, 2]); "
+        "print('scatterlist._sg' in sys.modules, '_cffi_backend' in sys.modules)",
+        SCATTERLIST_ENGINE="model",
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["False", "False"]
 
@@ -48,6 +51,7 @@ def test_objects_report_their_engine(engine):
 
 def test_native_extension_is_current():
     from scatterlist import _native
+
     assert _native.lib.sl_abi_version() == _native.EXPECTED_ABI_VERSION
 
 
@@ -55,6 +59,7 @@ def test_reason_codes_match_the_c_header():
     """errors.Reason mirrors enum sl_reason: a renumbered C enum must not go unnoticed."""
     import re
     from pathlib import Path
+
     header = Path(__file__).resolve().parents[1] / "csrc" / "sl_common.h"
     if not header.exists():
         pytest.fail("csrc/sl_common.h not found next to the tests")
@@ -70,6 +75,7 @@ def test_every_reason_is_mirrored_both_ways_and_has_a_message():
     from pathlib import Path
 
     from scatterlist.errors import ErrorDetail, message_for
+
     header = (Path(__file__).resolve().parents[1] / "csrc" / "sl_common.h").read_text()
     in_c = {name for name in re.findall(r"SL_REASON_([A-Z_0-9]+) = \d+", header)}
     assert in_c == {reason.name for reason in Reason}
@@ -89,24 +95,34 @@ ENGINE_ONLY_FOR_TESTS = {
 
 def _engine_methods() -> set:
     from scatterlist._contract import Engine
-    return {name for name, value in vars(Engine).items()
-            if callable(value) and not name.startswith("_")}
+
+    return {
+        name for name, value in vars(Engine).items() if callable(value) and not name.startswith("_")
+    }
 
 
 def test_every_engine_method_is_used_by_the_pythonic_layer():
     """No dead engine methods: each one of the contract is called above the engines."""
     from pathlib import Path
+
     package = Path(sg.__file__).parent
-    layer = "".join(path.read_text() for path in package.glob("*.py")
-                    if path.name not in ("_native.py", "_contract.py"))
-    unused = {name for name in _engine_methods()
-              if f".{name}(" not in layer} - ENGINE_ONLY_FOR_TESTS
+    layer = "".join(
+        path.read_text()
+        for path in package.glob("*.py")
+        if path.name not in ("_native.py", "_contract.py")
+    )
+    unused = {
+        name for name in _engine_methods() if f".{name}(" not in layer
+    } - ENGINE_ONLY_FOR_TESTS
     assert not unused, f"engine methods nobody calls: {sorted(unused)}"
 
 
 def test_both_engines_implement_the_whole_contract(engine):
-    missing = {name for name in _engine_methods() if not callable(
-        getattr(_engine.get_engine(engine), name, None))}
+    missing = {
+        name
+        for name in _engine_methods()
+        if not callable(getattr(_engine.get_engine(engine), name, None))
+    }
     assert not missing
 
 
@@ -115,6 +131,7 @@ def test_every_cdef_function_is_called_by_the_native_engine():
     import importlib.util
     import re
     from pathlib import Path
+
     root = Path(__file__).resolve().parents[1]
     spec = importlib.util.spec_from_file_location("build_ffi", root / "csrc" / "build_ffi.py")
     assert spec is not None and spec.loader is not None

@@ -19,7 +19,12 @@ def test_there_are_examples():
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
 @pytest.mark.parametrize("engine", ["native", "model"])
 def test_example_runs(path, engine):
-    result = subprocess.run([sys.executable, str(path)], capture_output=True, text=True,
-                            timeout=120, env=dict(os.environ, SCATTERLIST_ENGINE=engine))
+    result = subprocess.run(
+        [sys.executable, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, SCATTERLIST_ENGINE=engine),
+    )
     assert result.returncode == 0, result.stderr
     assert "bug caught: IOMMU fault" in result.stdout

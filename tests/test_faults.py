@@ -14,17 +14,24 @@ PAGE = 4096
 
 
 def nothing_left(iommu, dev):
-    return (iommu.mapped_pages == 0 and iommu.iova_ranges() == [] and dev.live_mappings == 0)
+    return iommu.mapped_pages == 0 and iommu.iova_ranges() == [] and dev.live_mappings == 0
 
 
-@pytest.mark.parametrize("errno_value, exc", [(errno.ENOMEM, sg.OutOfMemory),
-                                              (errno.EINVAL, sg.InvalidArgument),
-                                              (errno.EIO, sg.MappingError)])
+@pytest.mark.parametrize(
+    "errno_value, exc",
+    [
+        (errno.ENOMEM, sg.OutOfMemory),
+        (errno.EINVAL, sg.InvalidArgument),
+        (errno.EIO, sg.MappingError),
+    ],
+)
 def test_nth_map_fails_with_the_chosen_errno(system, errno_value, exc):
     mem, iommu, dev, _ = system
     dev.fail_maps(nth=3, errno_value=errno_value)
-    tables = [sg.alloc_table_from_pages(list(range(10 * i, 10 * i + 6, 2)),
-                                        engine=mem.engine) for i in range(1, 5)]
+    tables = [
+        sg.alloc_table_from_pages(list(range(10 * i, 10 * i + 6, 2)), engine=mem.engine)
+        for i in range(1, 5)
+    ]
     sg.dma_map_sgtable(dev, tables[0], Dir.TO_DEVICE)
     sg.dma_map_sgtable(dev, tables[1], Dir.TO_DEVICE)
     before = (iommu.mapped_pages, iommu.iova_ranges(), dev.live_mappings)
@@ -33,8 +40,11 @@ def test_nth_map_fails_with_the_chosen_errno(system, errno_value, exc):
     assert info.value.errno == errno_value
     assert (iommu.mapped_pages, iommu.iova_ranges(), dev.live_mappings) == before
     assert not tables[2].mapped
-    assert [(e.pfn, e.offset, e.length) for e in tables[2]] == [(30, 0, PAGE), (32, 0, PAGE),
-                                                               (34, 0, PAGE)]
+    assert [(e.pfn, e.offset, e.length) for e in tables[2]] == [
+        (30, 0, PAGE),
+        (32, 0, PAGE),
+        (34, 0, PAGE),
+    ]
     assert dev.injected_failures == 1
     sg.dma_map_sgtable(dev, tables[3], Dir.TO_DEVICE)  # only the 3rd failed
     sg.dma_map_sgtable(dev, tables[2], Dir.TO_DEVICE)

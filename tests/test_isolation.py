@@ -111,8 +111,11 @@ def test_gc_of_an_owned_table_unmaps_before_freeing_pages(system: Any) -> None:
     table = sg.SGTable.new(dev, pages, Dir.FROM_DEVICE)
     cycle = Cycle(table)
     # Only this test's objects count (the collector may find other tests' garbage too).
-    table_handle, dev_handle, mem_handle = (table._raw._life.handle, dev._life.handle,
-                                            mem._life.handle)
+    table_handle, dev_handle, mem_handle = (
+        table._raw._life.handle,
+        dev._life.handle,
+        mem._life.handle,
+    )
 
     def on_unmap(real: Any, device: Any, *args: Any) -> Any:
         if device is dev_handle:
@@ -132,10 +135,12 @@ def test_gc_of_an_owned_table_unmaps_before_freeing_pages(system: Any) -> None:
         return real(memory, freed)
 
     del table, pages, cycle
-    with EngineHook(mem.engine, "dma_unmap", on_unmap), \
-            EngineHook(mem.engine, "table_destroy", on_destroy), \
-            EngineHook(mem.engine, "memory_free_pages", on_free), \
-            pytest.warns(ResourceWarning, match="SGTable dropped while DMA-mapped"):
+    with (
+        EngineHook(mem.engine, "dma_unmap", on_unmap),
+        EngineHook(mem.engine, "table_destroy", on_destroy),
+        EngineHook(mem.engine, "memory_free_pages", on_free),
+        pytest.warns(ResourceWarning, match="SGTable dropped while DMA-mapped"),
+    ):
         gc.collect()
     assert order == ["unmap", "free entries", "free pages"]
     assert dev.live_mappings == 0 and mem.free_pages == mem.n_pages
@@ -152,15 +157,20 @@ def test_dropped_mapped_table_is_reported_as_a_leak(system: Any) -> None:
     raw = sg.alloc_table_from_pages([2, 4], engine=mem.engine)
     sg.dma_map_sgtable(dev, raw, Dir.TO_DEVICE)  # the map call the report points at
     owned = sg.SGTable.new(dev, mem.alloc_pages(1), Dir.TO_DEVICE)
-    with pytest.warns(sg.DmaApiWarning) as reports, \
-            pytest.warns(ResourceWarning, match="dropped while DMA-mapped"):
+    with (
+        pytest.warns(sg.DmaApiWarning) as reports,
+        pytest.warns(ResourceWarning, match="dropped while DMA-mapped"),
+    ):
         del raw, owned
         gc.collect()
-    texts = [str(report.message) for report in reports
-             if issubclass(report.category, sg.DmaApiWarning)]
+    texts = [
+        str(report.message) for report in reports if issubclass(report.category, sg.DmaApiWarning)
+    ]
     assert len(texts) == 2
-    assert all("[rule leak]" in text and "test_dropped_mapped_table_is_reported_as_a_leak"
-               in text for text in texts)
+    assert all(
+        "[rule leak]" in text and "test_dropped_mapped_table_is_reported_as_a_leak" in text
+        for text in texts
+    )
     assert iommu.mapped_pages == 0 and debug.dump(dev) == []
 
 
@@ -170,8 +180,7 @@ def test_warning_as_error_leaves_the_state_of_warnings_off(system: Any) -> None:
     The state must be exactly as with warnings off: mapped and recorded; unmapped."""
     mem, iommu, dev, _ = system
     dev.debug = "warn"
-    too_long = sg.alloc_table_from_entries([(100, 0, 2 * 65536), (300, 0, PAGE)],
-                                           engine=mem.engine)
+    too_long = sg.alloc_table_from_entries([(100, 0, 2 * 65536), (300, 0, PAGE)], engine=mem.engine)
     with warnings.catch_warnings():
         warnings.simplefilter("error", sg.DmaApiWarning)
         with pytest.raises(sg.DmaApiWarning, match="longer than device claims"):

@@ -61,14 +61,16 @@ def imports_of(path: Path) -> Set[str]:
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.ImportFrom):
             if node.level == 0:
-                if node.module and (node.module == "scatterlist"
-                                    or node.module.startswith("scatterlist.")):
+                if node.module and (
+                    node.module == "scatterlist" or node.module.startswith("scatterlist.")
+                ):
                     base = node.module.split(".")[1:]
                 else:
                     continue
             else:
-                base = package[:len(package) - (node.level - 1)] + (
-                    node.module.split(".") if node.module else [])
+                base = package[: len(package) - (node.level - 1)] + (
+                    node.module.split(".") if node.module else []
+                )
             target = ".".join(base)
             for alias in node.names:
                 candidate = f"{target}.{alias.name}" if target else alias.name
@@ -92,9 +94,12 @@ def test_every_module_has_a_layer():
 
 
 def test_every_import_points_down():
-    wrong = [f"{module} (layer {LEVEL[module]}) imports {target} (layer {LEVEL[target]})"
-             for module, targets in graph().items() for target in sorted(targets)
-             if target in LEVEL and LEVEL[target] >= LEVEL[module]]
+    wrong = [
+        f"{module} (layer {LEVEL[module]}) imports {target} (layer {LEVEL[target]})"
+        for module, targets in graph().items()
+        for target in sorted(targets)
+        if target in LEVEL and LEVEL[target] >= LEVEL[module]
+    ]
     assert not wrong, "\n".join(wrong)
 
 
@@ -121,8 +126,9 @@ def test_only_native_module_touches_the_extension():
     assert touching == {"_native"}
 
 
-@pytest.mark.parametrize("module", sorted(name for name in LEVEL
-                                          if name not in ("__init__", "__main__")))
+@pytest.mark.parametrize(
+    "module", sorted(name for name in LEVEL if name not in ("__init__", "__main__"))
+)
 def test_module_imports_alone(module: str):
     """Each module imports with only what it needs loaded (the packages' __init__ files, which
     load everything below them, are bypassed unless they are the module tested): an
@@ -136,9 +142,14 @@ def test_module_imports_alone(module: str):
         "    sys.modules[name] = pkg\n"
         f"importlib.import_module('scatterlist.{module}')\n"
         "loaded = sorted(m for m in sys.modules if m.startswith('scatterlist.'))\n"
-        "print(' '.join(loaded))\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            env={"SCATTERLIST_ENGINE": "model", "PATH": ""})
+        "print(' '.join(loaded))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={"SCATTERLIST_ENGINE": "model", "PATH": ""},
+    )
     assert result.returncode == 0, result.stderr
     loaded = {name.split(".", 1)[1] for name in result.stdout.split()} - {"model"}
     above = {name for name in loaded if name in LEVEL and LEVEL[name] > LEVEL[module]}

@@ -15,11 +15,25 @@ def test_close_is_idempotent_and_guards_every_method(table_from, memory):
     t.close()
     t.close()
     assert t.closed
-    for call in (lambda: t.nents, lambda: t.orig_nents, lambda: t.total_nents,
-                 lambda: t.final, lambda: len(t), lambda: list(t), t.entries, t.dma_entries,
-                 t.export_cpu, t.export_dma, t.chunk_slots, t.sg_nents,
-                 lambda: t.nents_for_len(1), t.page_pfns, lambda: t.append_pages([9]),
-                 lambda: t.copy_to_buffer(memory), lambda: t.copy_from_buffer(memory, b"x")):
+    for call in (
+        lambda: t.nents,
+        lambda: t.orig_nents,
+        lambda: t.total_nents,
+        lambda: t.final,
+        lambda: len(t),
+        lambda: list(t),
+        t.entries,
+        t.dma_entries,
+        t.export_cpu,
+        t.export_dma,
+        t.chunk_slots,
+        t.sg_nents,
+        lambda: t.nents_for_len(1),
+        t.page_pfns,
+        lambda: t.append_pages([9]),
+        lambda: t.copy_to_buffer(memory),
+        lambda: t.copy_from_buffer(memory, b"x"),
+    ):
         with pytest.raises(sg.ClosedError):
             call()
 

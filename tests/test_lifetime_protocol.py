@@ -42,6 +42,7 @@ class ClosingIndex:
 
 # -- user code inside argument conversion -------------------------------------------------------
 
+
 def _memory_read(mem: sg.PhysicalMemory, *_: Any) -> Callable[[], Any]:
     return lambda: mem.read(0, ClosingIndex(16, mem))
 
@@ -68,8 +69,17 @@ def _table_page_pfns(mem: sg.PhysicalMemory, table: sg.RawTable) -> Callable[[],
     return lambda: table.page_pfns(ClosingIndex(0, table))
 
 
-@pytest.mark.parametrize("make_call", [_memory_read, _device_read, _table_copy_closing_table,
-                                       _table_copy_closing_memory, _iommu_map, _table_page_pfns])
+@pytest.mark.parametrize(
+    "make_call",
+    [
+        _memory_read,
+        _device_read,
+        _table_copy_closing_table,
+        _table_copy_closing_memory,
+        _iommu_map,
+        _table_page_pfns,
+    ],
+)
 def test_argument_that_closes_the_object_is_converted_first(engine: str, make_call: Any) -> None:
     """The arguments are converted before the object is entered: the ``__index__`` closes it
     for good, and the call then finds it closed (it used to go on with the freed C object)."""
@@ -96,8 +106,9 @@ def test_close_from_inside_a_call_is_refused(engine: str) -> None:
         return real(handle, *args)
 
     def export_then_close(real: Any, handle: Any, *args: Any) -> Any:
-        with pytest.raises(sg.BusyError, match="already in use by a call on this thread"
-                           "|inside a call"):
+        with pytest.raises(
+            sg.BusyError, match="already in use by a call on this thread|inside a call"
+        ):
             table.close()
         refused.append("table")
         return real(handle, *args)
@@ -114,6 +125,7 @@ def test_close_from_inside_a_call_is_refused(engine: str) -> None:
 
 # -- close() while a call runs on another thread -----------------------------------------------
 
+
 def test_device_close_waits_for_a_map_in_flight_then_refuses(engine: str) -> None:
     """Device.close() on one thread while dma_map_sgtable runs on another: the close waits for
     the map, then refuses (the table is mapped by hand); the table can be unmapped and closed,
@@ -123,8 +135,9 @@ def test_device_close_waits_for_a_map_in_flight_then_refuses(engine: str) -> Non
     iommu = sg.Iommu(mem)
     dev = sg.Device(mem, iommu, name="nic")
     table = sg.alloc_table_from_pages([4, 6, 8], engine=engine)
-    with Pause(engine, "dma_map", when=lambda dev_handle, *a: dev_handle is dev._life.handle,
-               after=True) as pause:
+    with Pause(
+        engine, "dma_map", when=lambda dev_handle, *a: dev_handle is dev._life.handle, after=True
+    ) as pause:
         mapper = InThread(lambda: sg.dma_map_sgtable(dev, table, Dir.TO_DEVICE), "mapper")
         assert pause.entered.wait(5)
         closer = InThread(dev.close, "closer")
@@ -173,9 +186,14 @@ def test_unbind_and_close_race_releases_each_mapping_once(engine: str) -> None:
             unmaps.append(args[0])
         return real(dev_handle, *args)
 
-    with EngineHook(engine, "dma_unmap", counting_unmap), \
-            Pause(engine, "device_set_bound",
-                  when=lambda dev_handle, bound: dev_handle is dev._life.handle) as pause:
+    with (
+        EngineHook(engine, "dma_unmap", counting_unmap),
+        Pause(
+            engine,
+            "device_set_bound",
+            when=lambda dev_handle, bound: dev_handle is dev._life.handle,
+        ) as pause,
+    ):
         unbinder = InThread(dev.unbind, "unbinder")
         assert pause.entered.wait(5)
         closer = InThread(dev.close, "closer")
@@ -247,9 +265,14 @@ def test_two_threads_closing_at_once(engine: str, kind: str) -> None:
 
 # -- interpreter exit ----------------------------------------------------------------------------
 
+
 def _run(script: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_daemon_thread_inside_a_map_at_exit(engine: str) -> None:
@@ -271,7 +294,7 @@ def test_daemon_thread_inside_a_map_at_exit(engine: str) -> None:
                   if not state["iommu"]._life.destroyed else "iommu gone", flush=True)
 
         atexit.register(finish)
-        sys.path.insert(0, {str(__file__.rsplit('/', 1)[0])!r})
+        sys.path.insert(0, {str(__file__.rsplit("/", 1)[0])!r})
         import scatterlist as sg
         from helpers import Pause
         mem = sg.PhysicalMemory(64 << 20, engine={engine!r})
@@ -320,13 +343,15 @@ def test_daemon_threads_mapping_at_exit_free_running(engine: str) -> None:
 
 # -- a caller's buffer changing under the C core -------------------------------------------------
 
+
 def _mutate_first_then(real: Any, original: "array[int]", *args: Any) -> Any:
     original[0] = 1 << 60  # an out-of-range pfn, written while the call is in flight
     return real(*args)
 
 
-@pytest.mark.parametrize("call", ["alloc_table_from_pages", "append_pages",
-                                  "alloc_table_from_entries"])
+@pytest.mark.parametrize(
+    "call", ["alloc_table_from_pages", "append_pages", "alloc_table_from_entries"]
+)
 def test_a_callers_array_is_read_once(engine: str, call: str) -> None:
     """The C core reads a page array twice with the GIL released; another thread changing the
     caller's array in between used to make it read past the end and take unchecked pfns.  The
@@ -339,8 +364,11 @@ def test_a_callers_array_is_read_once(engine: str, call: str) -> None:
     def hook(real: Any, *args: Any) -> Any:
         return _mutate_first_then(real, source, *args)
 
-    table = (sg.alloc_table_from_pages([2], left_pages=4, engine=engine)
-             if call == "append_pages" else None)
+    table = (
+        sg.alloc_table_from_pages([2], left_pages=4, engine=engine)
+        if call == "append_pages"
+        else None
+    )
     with EngineHook(engine, method, hook):
         if call == "alloc_table_from_pages":
             table = sg.alloc_table_from_pages(pfns, engine=engine)
@@ -350,9 +378,11 @@ def test_a_callers_array_is_read_once(engine: str, call: str) -> None:
         else:
             table = sg.alloc_table_from_entries(rows, engine=engine)
     assert source[0] == 1 << 60  # the hook did change the caller's array
-    expected = {"alloc_table_from_pages": [(10, 0, 3 * PAGE), (20, 0, PAGE)],
-                "append_pages": [(2, 0, PAGE), (10, 0, 3 * PAGE), (20, 0, PAGE)],
-                "alloc_table_from_entries": [(10, 0, PAGE), (30, 0, PAGE)]}[call]
+    expected = {
+        "alloc_table_from_pages": [(10, 0, 3 * PAGE), (20, 0, PAGE)],
+        "append_pages": [(2, 0, PAGE), (10, 0, 3 * PAGE), (20, 0, PAGE)],
+        "alloc_table_from_entries": [(10, 0, PAGE), (30, 0, PAGE)],
+    }[call]
     assert [(e.pfn, e.offset, e.length) for e in table] == expected
 
 
@@ -371,6 +401,7 @@ def test_numpy_array_is_copied_too(engine: str) -> None:
 
 # -- the device's shared state under threads --------------------------------------------------
 
+
 def test_fault_injection_counts_are_exact_under_threads(engine: str) -> None:
     """Threads mapping on one device with probabilistic fault injection: every injected
     failure is counted once (the C core used to decrement and draw unsynchronised)."""
@@ -381,8 +412,9 @@ def test_fault_injection_counts_are_exact_under_threads(engine: str) -> None:
     observed = [0] * n_threads
 
     def worker(k: int) -> None:
-        table = sg.alloc_table_from_pages(range(1000 + 64 * k, 1000 + 64 * k + 32, 2),
-                                          engine=engine)
+        table = sg.alloc_table_from_pages(
+            range(1000 + 64 * k, 1000 + 64 * k + 32, 2), engine=engine
+        )
         for _ in range(maps):
             try:
                 sg.dma_map_sgtable(dev, table, Dir.TO_DEVICE)

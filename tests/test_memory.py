@@ -140,10 +140,16 @@ def test_large_pages(engine, page_size):
     mem.close()
 
 
-@pytest.mark.parametrize("size, page_size, needle", [
-    (0, 4096, "size=0"), (4097, 4096, "size=4097"), ((1 << 46) + 4096, 4096, "64 TiB"),
-    (8192, 3000, "page_size=3000"), (-1, 4096, "size=-1"),
-])
+@pytest.mark.parametrize(
+    "size, page_size, needle",
+    [
+        (0, 4096, "size=0"),
+        (4097, 4096, "size=4097"),
+        ((1 << 46) + 4096, 4096, "64 TiB"),
+        (8192, 3000, "page_size=3000"),
+        (-1, 4096, "size=-1"),
+    ],
+)
 def test_bad_memory_arguments(engine, size, page_size, needle):
     with pytest.raises(sg.InvalidArgument, match=needle):
         sg.PhysicalMemory(size, page_size, engine=engine)

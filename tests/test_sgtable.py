@@ -47,8 +47,7 @@ def test_segment_limit_is_the_devices(system):
     dev.max_mapping_size = 3 * PAGE
     pages2 = mem.alloc_pages(8, "contiguous")
     with sg.SGTable.new(dev, pages2, Dir.TO_DEVICE) as table:
-        assert [e.length for e in table._raw.entries()] == [3 * PAGE, 3 * PAGE,
-                                                                     2 * PAGE]
+        assert [e.length for e in table._raw.entries()] == [3 * PAGE, 3 * PAGE, 2 * PAGE]
 
 
 def test_borrowed_views_never_dangle(system):
@@ -61,8 +60,12 @@ def test_borrowed_views_never_dangle(system):
     with pytest.raises(sg.InvalidArgument, match="close\\(\\) is for the owner"):
         view.close()  # type: ignore[misc]
     table.close()
-    for use in (lambda: list(view), lambda: view.nents, lambda: list(view_of_view),
-                lambda: entry.dma_address):
+    for use in (
+        lambda: list(view),
+        lambda: view.nents,
+        lambda: list(view_of_view),
+        lambda: entry.dma_address,
+    ):
         with pytest.raises(sg.ClosedError):
             use()
     assert view.closed
@@ -103,6 +106,7 @@ def test_unbind_revokes_once_and_close_does_not_unmap_again(system):
     gc.collect()
     sg.SGTable.new(dev, mem.alloc_pages(1), Dir.TO_DEVICE).close()
     assert len(dev._state.mappings) <= 1
+
 
 def test_table_closed_before_unbind_is_not_revoked(system):
     mem, iommu, dev, _ = system

@@ -69,6 +69,7 @@ MACHINE_SETTINGS = settings(
 
 # -- helpers ---------------------------------------------------------------------------------
 
+
 def may_read(direction: Dir) -> bool:
     """Whether the device may read memory mapped in this direction (IOMMU_READ)."""
     return direction in (Dir.BIDIRECTIONAL, Dir.TO_DEVICE)
@@ -105,7 +106,7 @@ def laid_out_length(cpu_rows: Sequence[Tuple[int, int, int]], boundary_mask: int
 
 def rows(flat: Sequence[int], width: int) -> List[Tuple[int, ...]]:
     values = list(flat)
-    return [tuple(values[i:i + width]) for i in range(0, len(values), width)]
+    return [tuple(values[i : i + width]) for i in range(0, len(values), width)]
 
 
 def normalize(value: Any) -> Any:
@@ -124,8 +125,12 @@ def normalize(value: Any) -> Any:
 
 
 def exc_signature(exc: BaseException) -> Tuple[Any, ...]:
-    sig: Tuple[Any, ...] = (type(exc).__name__, str(exc), getattr(exc, "errno", None),
-                            getattr(exc, "reason", None))
+    sig: Tuple[Any, ...] = (
+        type(exc).__name__,
+        str(exc),
+        getattr(exc, "errno", None),
+        getattr(exc, "reason", None),
+    )
     if isinstance(exc, sg.IommuFault):
         sig += (exc.iova, exc.access, exc.fault_reason)
     return sig
@@ -155,6 +160,7 @@ def attempt(fn: Callable[[], Any]) -> Outcome:
 
 
 # -- the records the machine keeps -----------------------------------------------------------
+
 
 @dataclass(eq=False)
 class PagesRec:
@@ -203,8 +209,7 @@ class World:
 
     def __init__(self, engine: str, cfg: Config) -> None:
         self.engine = engine
-        self.mem = sg.PhysicalMemory(cfg.mem_pages * cfg.page_size, cfg.page_size,
-                                     engine=engine)
+        self.mem = sg.PhysicalMemory(cfg.mem_pages * cfg.page_size, cfg.page_size, engine=engine)
         self.iommu = sg.Iommu(self.mem, GRANULE, aperture_bits=cfg.aperture_bits)
         self.devs: Dict[str, sg.Device] = {}
         for key, limits in cfg.devices.items():
@@ -214,36 +219,51 @@ class World:
             self.devs[key] = sg.Device(self.mem, iommu, name=key, debug="off", **limits)
 
 
-device_limits = st.fixed_dictionaries({
-    "dma_mask": st.sampled_from([sg.DMA_BIT_MASK(b) for b in (16, 20, 32, 64)]),
-    "max_segment_size": st.sampled_from([4096, 6000, 16384, 65536, U32_MAX]),
-    "seg_boundary_mask": st.sampled_from([0xFFF, 0x3FFF, 0xFFFF, U64_MAX]),
-    "max_mapping_size": st.sampled_from([U64_MAX, 3 * PAGE, 40000]),
-})
-direct_limits = st.fixed_dictionaries({
-    "dma_mask": st.sampled_from([sg.DMA_BIT_MASK(b) for b in (20, 21, 32, 64)]),
-    "max_segment_size": st.sampled_from([4096, 65536, U32_MAX]),
-    "seg_boundary_mask": st.just(U64_MAX),
-    "max_mapping_size": st.sampled_from([U64_MAX, 2 * PAGE]),
-})
+device_limits = st.fixed_dictionaries(
+    {
+        "dma_mask": st.sampled_from([sg.DMA_BIT_MASK(b) for b in (16, 20, 32, 64)]),
+        "max_segment_size": st.sampled_from([4096, 6000, 16384, 65536, U32_MAX]),
+        "seg_boundary_mask": st.sampled_from([0xFFF, 0x3FFF, 0xFFFF, U64_MAX]),
+        "max_mapping_size": st.sampled_from([U64_MAX, 3 * PAGE, 40000]),
+    }
+)
+direct_limits = st.fixed_dictionaries(
+    {
+        "dma_mask": st.sampled_from([sg.DMA_BIT_MASK(b) for b in (20, 21, 32, 64)]),
+        "max_segment_size": st.sampled_from([4096, 65536, U32_MAX]),
+        "seg_boundary_mask": st.just(U64_MAX),
+        "max_mapping_size": st.sampled_from([U64_MAX, 2 * PAGE]),
+    }
+)
 
 
-def mostly(good: st.SearchStrategy[Any], bad: st.SearchStrategy[Any],
-           bad_in_ten: int = 2) -> st.SearchStrategy[Any]:
+def mostly(
+    good: st.SearchStrategy[Any], bad: st.SearchStrategy[Any], bad_in_ten: int = 2
+) -> st.SearchStrategy[Any]:
     """good, with the odd bad value: misuse is tested without starving the valid paths."""
     return st.integers(0, 9).flatmap(lambda k: bad if k < bad_in_ten else good)
 
 
 # Sizes, offsets and segment limits are drawn as (kind, number) and resolved against the
 # memory's page size when the rule runs.
-size_choice = mostly(st.one_of(st.none(), st.tuples(st.just("valid"), INDEX)),
-                     st.tuples(st.just("any"), INDEX))
-offset_choice = mostly(st.one_of(st.just(("zero", 0)), st.tuples(st.just("in_page"), INDEX)),
-                       st.tuples(st.just("past_page"), INDEX), 1)
-max_segment_choice = mostly(st.one_of(st.none(), st.tuples(st.just("pages"), st.integers(1, 20)),
-                                      st.tuples(st.just("bytes"), st.integers(0, 300_000)),
-                                      st.just(("bytes", U32_MAX))),
-                            st.tuples(st.just("below_page"), st.sampled_from([0, 1, -1])), 1)
+size_choice = mostly(
+    st.one_of(st.none(), st.tuples(st.just("valid"), INDEX)), st.tuples(st.just("any"), INDEX)
+)
+offset_choice = mostly(
+    st.one_of(st.just(("zero", 0)), st.tuples(st.just("in_page"), INDEX)),
+    st.tuples(st.just("past_page"), INDEX),
+    1,
+)
+max_segment_choice = mostly(
+    st.one_of(
+        st.none(),
+        st.tuples(st.just("pages"), st.integers(1, 20)),
+        st.tuples(st.just("bytes"), st.integers(0, 300_000)),
+        st.just(("bytes", U32_MAX)),
+    ),
+    st.tuples(st.just("below_page"), st.sampled_from([0, 1, -1])),
+    1,
+)
 left_pages_choice = mostly(st.just(0), st.integers(1, 30), 4)
 count_choice = mostly(st.integers(1, MAX_TABLE_PAGES), st.just(0), 1)
 alloc_count = mostly(st.integers(1, MAX_TABLE_PAGES), st.sampled_from([0, 300, 5000]), 1)
@@ -266,16 +286,19 @@ class LockstepMachine(RuleBasedStateMachine):
         self.bound: Dict[str, bool] = {key: True for key in DEVICES}
 
     # -- lockstep plumbing ----------------------------------------------------------------
-    def both(self, what: str, fn: Callable[[int], Any],
-             key: Callable[[Any], Any] = normalize) -> Tuple[Outcome, Outcome]:
+    def both(
+        self, what: str, fn: Callable[[int], Any], key: Callable[[Any], Any] = normalize
+    ) -> Tuple[Outcome, Outcome]:
         """Run fn on each engine (0: native, 1: model) and check the outcomes agree."""
         native, model = attempt(lambda: fn(0)), attempt(lambda: fn(1))
         for outcome in (native, model):
             if outcome.exc is not None and not isinstance(outcome.exc, sg.ScatterlistError):
-                raise AssertionError(f"{what}: {outcome.describe()}, not a ScatterlistError"
-                                     ) from outcome.exc
-        assert native.ok == model.ok, \
+                raise AssertionError(
+                    f"{what}: {outcome.describe()}, not a ScatterlistError"
+                ) from outcome.exc
+        assert native.ok == model.ok, (
             f"{what}: native {native.describe()} but model {model.describe()}"
+        )
         if native.ok:
             a, b = key(native.value), key(model.value)
             assert a == b, f"{what}: native returned {a!r:.500} but model {b!r:.500}"
@@ -299,11 +322,16 @@ class LockstepMachine(RuleBasedStateMachine):
         return self.cfg.devices[key]
 
     def mapped_items(self) -> List[MappedItem]:
-        items = [MappedItem(t.objs, t.mapped[0], t.mapped[1], t.objs, t)
-                 for t in self.tables if t.mapped is not None]
-        items += [MappedItem((s.objs[0]._raw, s.objs[1]._raw), s.dev,
-                             s.direction, s.objs, s)
-                  for s in self.sgtables if not s.revoked]
+        items = [
+            MappedItem(t.objs, t.mapped[0], t.mapped[1], t.objs, t)
+            for t in self.tables
+            if t.mapped is not None
+        ]
+        items += [
+            MappedItem((s.objs[0]._raw, s.objs[1]._raw), s.dev, s.direction, s.objs, s)
+            for s in self.sgtables
+            if not s.revoked
+        ]
         return items
 
     def free_page_counts(self) -> Tuple[int, int]:
@@ -322,32 +350,61 @@ class LockstepMachine(RuleBasedStateMachine):
         return [(a, n) for a, n in rows(raw.export_dma(), 2)]  # type: ignore[misc]
 
     # -- setup ----------------------------------------------------------------------------
-    @initialize(page_size=mostly(st.just(4096), st.just(16384), 3),
-                mem_pages=st.sampled_from([512, 1024]),
-                aperture_bits=st.sampled_from([24, 32, 48]),
-                iommu0=device_limits, iommu1=device_limits, direct=direct_limits,
-                first_pages=st.lists(st.tuples(st.integers(1, MAX_TABLE_PAGES),
-                                               st.sampled_from(["contiguous", "scattered",
-                                                                "random"]),
-                                               st.integers(0, 2**32)), min_size=1, max_size=3),
-                first_tables=st.lists(st.tuples(INDEX, INDEX, st.integers(1, MAX_TABLE_PAGES),
-                                                INDEX, INDEX,
-                                                st.sampled_from(DEVICES), DIRECTIONS),
-                                      max_size=3),
-                first_owned=st.lists(st.tuples(st.integers(1, 12), st.sampled_from(DEVICES),
-                                               DIRECTIONS), max_size=2))
-    def setup(self, page_size: int, mem_pages: int, aperture_bits: int, iommu0: Dict[str, int],
-              iommu1: Dict[str, int], direct: Dict[str, int],
-              first_pages: List[Tuple[int, str, int]],
-              first_tables: List[Tuple[int, int, int, int, int, str, Dir]],
-              first_owned: List[Tuple[int, str, Dir]]) -> None:
+    @initialize(
+        page_size=mostly(st.just(4096), st.just(16384), 3),
+        mem_pages=st.sampled_from([512, 1024]),
+        aperture_bits=st.sampled_from([24, 32, 48]),
+        iommu0=device_limits,
+        iommu1=device_limits,
+        direct=direct_limits,
+        first_pages=st.lists(
+            st.tuples(
+                st.integers(1, MAX_TABLE_PAGES),
+                st.sampled_from(["contiguous", "scattered", "random"]),
+                st.integers(0, 2**32),
+            ),
+            min_size=1,
+            max_size=3,
+        ),
+        first_tables=st.lists(
+            st.tuples(
+                INDEX,
+                INDEX,
+                st.integers(1, MAX_TABLE_PAGES),
+                INDEX,
+                INDEX,
+                st.sampled_from(DEVICES),
+                DIRECTIONS,
+            ),
+            max_size=3,
+        ),
+        first_owned=st.lists(
+            st.tuples(st.integers(1, 12), st.sampled_from(DEVICES), DIRECTIONS), max_size=2
+        ),
+    )
+    def setup(
+        self,
+        page_size: int,
+        mem_pages: int,
+        aperture_bits: int,
+        iommu0: Dict[str, int],
+        iommu1: Dict[str, int],
+        direct: Dict[str, int],
+        first_pages: List[Tuple[int, str, int]],
+        first_tables: List[Tuple[int, int, int, int, int, str, Dir]],
+        first_owned: List[Tuple[int, str, Dir]],
+    ) -> None:
         """The system on both engines, with a few pages and tables (mapped where the limits
         allow) to start from, built through the same checked steps as the rules."""
         iommu0, iommu1 = dict(iommu0), dict(iommu1)
         for limits in (iommu0, iommu1):
             limits["seg_boundary_mask"] |= page_size - 1  # the mask covers a page at least
-        self.cfg = Config(page_size, mem_pages, aperture_bits,
-                          {"iommu0": iommu0, "iommu1": iommu1, "direct": direct})
+        self.cfg = Config(
+            page_size,
+            mem_pages,
+            aperture_bits,
+            {"iommu0": iommu0, "iommu1": iommu1, "direct": direct},
+        )
         self.worlds = [World(engine, self.cfg) for engine in ENGINES]
         for n, layout, seed in first_pages:
             self.alloc_pages(n, layout, seed)
@@ -355,8 +412,7 @@ class LockstepMachine(RuleBasedStateMachine):
             if not self.pages:
                 break
             before = len(self.tables)
-            self.build_table(i, start, count, False, ("in_page", offset), ("valid", size),
-                             None, 0)
+            self.build_table(i, start, count, False, ("in_page", offset), ("valid", size), None, 0)
             if len(self.tables) > before:
                 self.map_table(len(self.tables) - 1, dev, direction)
         for n, dev, direction in first_owned:
@@ -369,8 +425,11 @@ class LockstepMachine(RuleBasedStateMachine):
         if sys.exc_info()[0] is not None:
             # A step failed: the records may not match the engines any more.  Release what
             # can be released without checking, so the failure reported is that step's.
-            for obj in ([r.objs for r in self.sgtables] + [t.objs for t in self.tables] +
-                        [r.objs for r in self.pages]):
+            for obj in (
+                [r.objs for r in self.sgtables]
+                + [t.objs for t in self.tables]
+                + [r.objs for r in self.pages]
+            ):
                 for one in obj:
                     try:
                         one.close()
@@ -398,14 +457,18 @@ class LockstepMachine(RuleBasedStateMachine):
 
     # -- pages ----------------------------------------------------------------------------
     @precondition(lambda self: len(self.pages) < MAX_PAGES_OBJECTS)
-    @rule(n=alloc_count,
-          layout=st.sampled_from(["contiguous", "scattered", "random"]),
-          seed=st.integers(0, U64_MAX))
+    @rule(
+        n=alloc_count,
+        layout=st.sampled_from(["contiguous", "scattered", "random"]),
+        seed=st.integers(0, U64_MAX),
+    )
     def alloc_pages(self, n: int, layout: str, seed: int) -> None:
         free_before = self.free_page_counts()
-        native, model = self.both(f"alloc_pages({n}, {layout!r}, seed={seed})",
-                                  lambda w: self.worlds[w].mem.alloc_pages(n, layout, seed=seed),
-                                  key=lambda p: p.pfns.tolist())
+        native, model = self.both(
+            f"alloc_pages({n}, {layout!r}, seed={seed})",
+            lambda w: self.worlds[w].mem.alloc_pages(n, layout, seed=seed),
+            key=lambda p: p.pfns.tolist(),
+        )
         if not native.ok:
             assert isinstance(native.exc, (sg.OutOfMemory, sg.InvalidArgument))
             assert (n == 0) == isinstance(native.exc, sg.InvalidArgument)
@@ -425,8 +488,15 @@ class LockstepMachine(RuleBasedStateMachine):
         assert self.free_page_counts() == (free_before[0] - n, free_before[1] - n)
         self.pages.append(PagesRec((native.value, model.value), pfns))
 
-    @precondition(lambda self: any(rec.owner is None for rec in self.pages) and (
-        len(self.pages) > 3 or self.worlds[0].mem.free_pages < self.worlds[0].mem.n_pages // 4))
+    @precondition(
+        lambda self: (
+            any(rec.owner is None for rec in self.pages)
+            and (
+                len(self.pages) > 3
+                or self.worlds[0].mem.free_pages < self.worlds[0].mem.n_pages // 4
+            )
+        )
+    )
     @rule(i=INDEX)
     def free_pages(self, i: int) -> None:
         rec = pick([r for r in self.pages if r.owner is None], i)
@@ -453,7 +523,7 @@ class LockstepMachine(RuleBasedStateMachine):
         if not rec.pfns or count == 0:
             return []
         start %= len(rec.pfns)
-        chosen = rec.pfns[start:start + count]
+        chosen = rec.pfns[start : start + count]
         return chosen[::-1] if reverse else chosen
 
     @property
@@ -473,8 +543,7 @@ class LockstepMachine(RuleBasedStateMachine):
 
     def resolve_offset(self, offset: Tuple[str, int]) -> int:
         kind, r = offset
-        return {"zero": 0, "in_page": r % self.page,
-                "past_page": self.page + r % self.page}[kind]
+        return {"zero": 0, "in_page": r % self.page, "past_page": self.page + r % self.page}[kind]
 
     def resolve_max_segment(self, choice: Any) -> Optional[int]:
         if choice is None:
@@ -486,31 +555,58 @@ class LockstepMachine(RuleBasedStateMachine):
             return r if r == U32_MAX else self.page + r
         return self.page - 1 if r < 0 else r  # below one page: refused
 
-    @precondition(lambda self: len(self.tables) < MAX_TABLES
-                  and any(r.owner is None for r in self.pages))
-    @rule(i=INDEX, start=INDEX, count=count_choice, reverse=st.booleans(),
-          offset=offset_choice, size=size_choice, max_segment=max_segment_choice,
-          left_pages=left_pages_choice)
-    def build_table(self, i: int, start: int, count: int, reverse: bool, offset: Any,
-                    size: Any, max_segment: Any, left_pages: int) -> None:
+    @precondition(
+        lambda self: len(self.tables) < MAX_TABLES and any(r.owner is None for r in self.pages)
+    )
+    @rule(
+        i=INDEX,
+        start=INDEX,
+        count=count_choice,
+        reverse=st.booleans(),
+        offset=offset_choice,
+        size=size_choice,
+        max_segment=max_segment_choice,
+        left_pages=left_pages_choice,
+    )
+    def build_table(
+        self,
+        i: int,
+        start: int,
+        count: int,
+        reverse: bool,
+        offset: Any,
+        size: Any,
+        max_segment: Any,
+        left_pages: int,
+    ) -> None:
         offset = self.resolve_offset(offset)
         max_segment = self.resolve_max_segment(max_segment)
         rec = pick([r for r in self.pages if r.owner is None], i)
         pfns = self.choose_pfns(rec, start, count, reverse)
         size_bytes = self.resolve_size(size, len(pfns), offset)
-        what = (f"alloc_table_from_pages({pfns}, offset={offset}, size={size_bytes}, "
-                f"max_segment={max_segment}, left_pages={left_pages})")
-        native, model = self.both(what, lambda w: sg.alloc_table_from_pages(
-            pfns, offset=offset, size=size_bytes, max_segment=max_segment,
-            page_size=self.page, left_pages=left_pages, engine=ENGINES[w]),
-            key=lambda t: (t.export_cpu().tolist(), t.total_nents, t.final))
+        what = (
+            f"alloc_table_from_pages({pfns}, offset={offset}, size={size_bytes}, "
+            f"max_segment={max_segment}, left_pages={left_pages})"
+        )
+        native, model = self.both(
+            what,
+            lambda w: sg.alloc_table_from_pages(
+                pfns,
+                offset=offset,
+                size=size_bytes,
+                max_segment=max_segment,
+                page_size=self.page,
+                left_pages=left_pages,
+                engine=ENGINES[w],
+            ),
+            key=lambda t: (t.export_cpu().tolist(), t.total_nents, t.final),
+        )
         if native.ok:
             table = native.value
             assert table.final == (left_pages == 0)
             cpu = rows(table.export_cpu(), 3)
             total = sum(r[2] for r in cpu)
-            assert total == (len(pfns) * self.page - offset if size_bytes is None
-                             else size_bytes)
+            assert total == (len(pfns) * self.page - offset if size_bytes is None else size_bytes)
             assert cpu[0][1] == offset and all(r[1] == 0 for r in cpu[1:])
             if max_segment is not None:
                 limit = max_segment // self.page * self.page
@@ -520,11 +616,27 @@ class LockstepMachine(RuleBasedStateMachine):
             assert isinstance(native.exc, sg.InvalidArgument)
 
     @precondition(lambda self: self.tables and any(r.owner is None for r in self.pages))
-    @rule(t=INDEX, open_only=st.integers(0, 3), i=INDEX, start=INDEX,
-          count=mostly(st.integers(1, 20), st.just(0), 1), reverse=st.booleans(),
-          size=size_choice, left_pages=mostly(st.just(0), st.integers(1, 30), 5))
-    def append_pages(self, t: int, open_only: int, i: int, start: int, count: int,
-                     reverse: bool, size: Any, left_pages: int) -> None:
+    @rule(
+        t=INDEX,
+        open_only=st.integers(0, 3),
+        i=INDEX,
+        start=INDEX,
+        count=mostly(st.integers(1, 20), st.just(0), 1),
+        reverse=st.booleans(),
+        size=size_choice,
+        left_pages=mostly(st.just(0), st.integers(1, 30), 5),
+    )
+    def append_pages(
+        self,
+        t: int,
+        open_only: int,
+        i: int,
+        start: int,
+        count: int,
+        reverse: bool,
+        size: Any,
+        left_pages: int,
+    ) -> None:
         open_tables = [x for x in self.tables if not x.objs[0].final]
         table = pick(open_tables if open_only and open_tables else self.tables, t)
         rec = pick([r for r in self.pages if r.owner is None], i)
@@ -532,8 +644,10 @@ class LockstepMachine(RuleBasedStateMachine):
         size_bytes = self.resolve_size(size, len(pfns), 0)
         was_final = table.objs[0].final
         before = table.objs[0].export_cpu().tolist()
-        native, _ = self.both(f"append_pages({pfns}, size={size_bytes}, left_pages={left_pages})",
-                              lambda w: table.objs[w].append_pages(pfns, size_bytes, left_pages))
+        native, _ = self.both(
+            f"append_pages({pfns}, size={size_bytes}, left_pages={left_pages})",
+            lambda w: table.objs[w].append_pages(pfns, size_bytes, left_pages),
+        )
         if native.ok:
             assert not was_final
             table.sources.append(rec)
@@ -564,8 +678,10 @@ class LockstepMachine(RuleBasedStateMachine):
         """Unmap (if mapped) and close a table, on both engines, checking both succeed."""
         if table.mapped is not None:
             dev, direction = table.mapped
-            native, _ = self.both("dma_unmap_sgtable (retire)", lambda w: sg.dma_unmap_sgtable(
-                self.dev(w, dev), table.objs[w], direction))
+            native, _ = self.both(
+                "dma_unmap_sgtable (retire)",
+                lambda w: sg.dma_unmap_sgtable(self.dev(w, dev), table.objs[w], direction),
+            )
             assert native.ok, native.describe()
             table.mapped = None
         native, _ = self.both("RawTable.close (retire)", lambda w: table.objs[w].close())
@@ -574,26 +690,33 @@ class LockstepMachine(RuleBasedStateMachine):
 
     # -- CPU copies -----------------------------------------------------------------------
     @precondition(lambda self: self.tables)
-    @rule(t=INDEX, n=st.integers(0, 3 * PAGE),
-          skip=mostly(st.just(0), st.integers(0, 45 * PAGE), 5),
-          seed=st.integers(0, 2**32))
+    @rule(
+        t=INDEX,
+        n=st.integers(0, 3 * PAGE),
+        skip=mostly(st.just(0), st.integers(0, 45 * PAGE), 5),
+        seed=st.integers(0, 2**32),
+    )
     def cpu_copy(self, t: int, n: int, skip: int, seed: int) -> None:
         table = pick(self.tables, t)
         data = random.Random(seed).randbytes(n)
-        native, _ = self.both(f"copy_from_buffer({n} bytes, skip={skip})",
-                              lambda w: table.objs[w].copy_from_buffer(self.worlds[w].mem,
-                                                                       data, skip))
+        native, _ = self.both(
+            f"copy_from_buffer({n} bytes, skip={skip})",
+            lambda w: table.objs[w].copy_from_buffer(self.worlds[w].mem, data, skip),
+        )
         assert native.ok, native.describe()
         total = sum(r[2] for r in rows(table.objs[0].export_cpu(), 3))
         copied = native.value
         assert copied == max(0, min(n, total - skip)), (copied, n, total, skip)
-        back = self.value(f"copy_to_buffer({n}, skip={skip})",
-                          lambda w: table.objs[w].copy_to_buffer(self.worlds[w].mem, n, skip))
+        back = self.value(
+            f"copy_to_buffer({n}, skip={skip})",
+            lambda w: table.objs[w].copy_to_buffer(self.worlds[w].mem, n, skip),
+        )
         assert len(back) == copied
         if not self.has_duplicate_pages(table.objs[0]):
             assert back == data[:copied], "the CPU copy did not round-trip"
-        whole = self.value("copy_to_buffer()", lambda w: table.objs[w].copy_to_buffer(
-            self.worlds[w].mem))
+        whole = self.value(
+            "copy_to_buffer()", lambda w: table.objs[w].copy_to_buffer(self.worlds[w].mem)
+        )
         assert len(whole) == total
 
     # -- DMA mapping ----------------------------------------------------------------------
@@ -604,9 +727,10 @@ class LockstepMachine(RuleBasedStateMachine):
         cpu_before = table.objs[0].export_cpu().tolist()
         ranges_before = self.worlds[0].iommu.iova_ranges(cached=True, reserved=True)
         mapped_before = self.worlds[0].iommu.mapped_pages
-        native, _ = self.both(f"dma_map_sgtable({dev}, {direction.name})",
-                              lambda w: sg.dma_map_sgtable(self.dev(w, dev), table.objs[w],
-                                                           direction))
+        native, _ = self.both(
+            f"dma_map_sgtable({dev}, {direction.name})",
+            lambda w: sg.dma_map_sgtable(self.dev(w, dev), table.objs[w], direction),
+        )
         # Mapping never changes the CPU fields, whether it succeeds or not.
         assert table.objs[0].export_cpu().tolist() == cpu_before
         # The checks in csrc/dma.c's order: direction, bound, already mapped, final.
@@ -642,8 +766,11 @@ class LockstepMachine(RuleBasedStateMachine):
         assert raw.mapped and raw.direction == direction
 
     @precondition(lambda self: self.tables)
-    @rule(t=INDEX, dev=st.one_of(st.none(), st.sampled_from(DEVICES)),
-          direction=st.one_of(st.none(), ANY_DIRECTION))
+    @rule(
+        t=INDEX,
+        dev=st.one_of(st.none(), st.sampled_from(DEVICES)),
+        direction=st.one_of(st.none(), ANY_DIRECTION),
+    )
     def unmap_table(self, t: int, dev: Optional[str], direction: Optional[Dir]) -> None:
         """Unmap, with the mapping's own device and direction unless told otherwise."""
         mapped = [x for x in self.tables if x.mapped is not None]
@@ -652,9 +779,10 @@ class LockstepMachine(RuleBasedStateMachine):
         direction = direction or (table.mapped[1] if table.mapped else Dir.TO_DEVICE)
         segs = self.segment_rows(table.objs[0]) if table.mapped else []
         block = self.block_of(table.objs[0], table.mapped[0]) if table.mapped else None
-        native, _ = self.both(f"dma_unmap_sgtable({dev}, {direction.name})",
-                              lambda w: sg.dma_unmap_sgtable(self.dev(w, dev), table.objs[w],
-                                                             direction))
+        native, _ = self.both(
+            f"dma_unmap_sgtable({dev}, {direction.name})",
+            lambda w: sg.dma_unmap_sgtable(self.dev(w, dev), table.objs[w], direction),
+        )
         right = table.mapped is not None and table.mapped[0] == dev and direction is not Dir.NONE
         assert native.ok == right, native.describe()
         if not native.ok:
@@ -670,12 +798,15 @@ class LockstepMachine(RuleBasedStateMachine):
         """(IOVA, laid-out length) of an IOMMU-mapped table, derived from its entries."""
         segs = self.segment_rows(raw)
         cpu = rows(raw.export_cpu(), 3)
-        iova_len = laid_out_length(cpu,  # type: ignore[arg-type]
-                                   self.limits(dev)["seg_boundary_mask"])
+        iova_len = laid_out_length(
+            cpu,  # type: ignore[arg-type]
+            self.limits(dev)["seg_boundary_mask"],
+        )
         return segs[0][0] & ~(GRANULE - 1), iova_len
 
-    def check_block_unmapped(self, dev: str, block: Tuple[int, int],
-                             segs: List[Tuple[int, int]]) -> None:
+    def check_block_unmapped(
+        self, dev: str, block: Tuple[int, int], segs: List[Tuple[int, int]]
+    ) -> None:
         """After an unmap every address of the table's block faults."""
         start, length = block
         for w in range(2):
@@ -687,37 +818,50 @@ class LockstepMachine(RuleBasedStateMachine):
         for addr, n in segs:
             for probe in (addr, addr + n - 1):
                 totals = self.fault_totals()
-                native, _ = self.both(f"dma_read({probe:#x}) after unmap",
-                                      lambda w: self.dev(w, dev).dma_read(probe, 1))
+                native, _ = self.both(
+                    f"dma_read({probe:#x}) after unmap",
+                    lambda w: self.dev(w, dev).dma_read(probe, 1),
+                )
                 assert isinstance(native.exc, sg.IommuFault), native.describe()
                 assert native.exc.fault_reason == "not mapped" and native.exc.iova == probe
                 assert self.fault_totals() == (totals[0] + 1, totals[1] + 1)
 
     @precondition(lambda self: self.tables)
-    @rule(t=INDEX, dev=st.sampled_from(DEVICES), direction=ANY_DIRECTION,
-          for_cpu=st.booleans())
+    @rule(t=INDEX, dev=st.sampled_from(DEVICES), direction=ANY_DIRECTION, for_cpu=st.booleans())
     def sync_table(self, t: int, dev: str, direction: Dir, for_cpu: bool) -> None:
         table = pick(self.tables, t)
         call = sg.dma_sync_sgtable_for_cpu if for_cpu else sg.dma_sync_sgtable_for_device
-        native, _ = self.both(f"{call.__name__}({dev}, {direction.name})",
-                              lambda w: call(self.dev(w, dev), table.objs[w], direction))
+        native, _ = self.both(
+            f"{call.__name__}({dev}, {direction.name})",
+            lambda w: call(self.dev(w, dev), table.objs[w], direction),
+        )
         right = table.mapped is not None and table.mapped[0] == dev and direction is not Dir.NONE
         assert native.ok == right, native.describe()
 
-    @rule(op=st.sampled_from(["fail_maps", "reserve_iova", "clear_faults", "refused_close"]),
-          dev=st.sampled_from(DEVICES), nth=st.integers(1, 3),
-          errno_value=st.sampled_from([12, 22, 5]), start_granule=st.integers(1, 1 << 12),
-          n_granules=st.integers(1, 8))
-    def admin(self, op: str, dev: str, nth: int, errno_value: int, start_granule: int,
-              n_granules: int) -> None:
+    @rule(
+        op=st.sampled_from(["fail_maps", "reserve_iova", "clear_faults", "refused_close"]),
+        dev=st.sampled_from(DEVICES),
+        nth=st.integers(1, 3),
+        errno_value=st.sampled_from([12, 22, 5]),
+        start_granule=st.integers(1, 1 << 12),
+        n_granules=st.integers(1, 8),
+    )
+    def admin(
+        self, op: str, dev: str, nth: int, errno_value: int, start_granule: int, n_granules: int
+    ) -> None:
         """Fault injection on a device's next map calls, an IOVA reservation, a clear of the
         fault log (the total keeps counting), or close() calls that must be refused."""
         if op == "fail_maps":
-            self.both("fail_maps", lambda w: self.dev(w, dev).fail_maps(
-                nth=nth, errno_value=errno_value))
+            self.both(
+                "fail_maps", lambda w: self.dev(w, dev).fail_maps(nth=nth, errno_value=errno_value)
+            )
         elif op == "reserve_iova":
-            self.both("reserve_iova", lambda w: self.worlds[w].iommu.reserve_iova(
-                start_granule * GRANULE, n_granules * GRANULE))
+            self.both(
+                "reserve_iova",
+                lambda w: self.worlds[w].iommu.reserve_iova(
+                    start_granule * GRANULE, n_granules * GRANULE
+                ),
+            )
         elif op == "clear_faults":
             totals = self.fault_totals()
             self.both("clear_faults", lambda w: self.worlds[w].iommu.clear_faults())
@@ -725,8 +869,10 @@ class LockstepMachine(RuleBasedStateMachine):
         else:
             # Memory and IOMMU have users; a device with tables mapped by hand refuses too,
             # and a refused close changes nothing (no unbind, no revoked SGTable).
-            for what, close in (("PhysicalMemory.close", lambda w: self.worlds[w].mem.close()),
-                                ("Iommu.close", lambda w: self.worlds[w].iommu.close())):
+            for what, close in (
+                ("PhysicalMemory.close", lambda w: self.worlds[w].mem.close()),
+                ("Iommu.close", lambda w: self.worlds[w].iommu.close()),
+            ):
                 native, _ = self.both(what, close)
                 assert isinstance(native.exc, sg.BusyError), (what, native.describe())
             busy = [t.mapped[0] for t in self.tables if t.mapped is not None]
@@ -741,10 +887,15 @@ class LockstepMachine(RuleBasedStateMachine):
         return sum(n for _, n in segs[:j])
 
     @precondition(lambda self: self.mapped_items())
-    @rule(m=INDEX, j=INDEX, at=INDEX, n=st.integers(1, 3 * PAGE), write=st.booleans(),
-          seed=st.integers(0, 2**32))
-    def device_access_valid(self, m: int, j: int, at: int, n: int, write: bool,
-                            seed: int) -> None:
+    @rule(
+        m=INDEX,
+        j=INDEX,
+        at=INDEX,
+        n=st.integers(1, 3 * PAGE),
+        write=st.booleans(),
+        seed=st.integers(0, 2**32),
+    )
+    def device_access_valid(self, m: int, j: int, at: int, n: int, write: bool, seed: int) -> None:
         """A device access inside one DMA segment of a live mapping."""
         item = pick(self.mapped_items(), m)
         segs = self.segment_rows(item.raws[0])
@@ -755,11 +906,15 @@ class LockstepMachine(RuleBasedStateMachine):
         data = random.Random(seed).randbytes(n)
         totals = self.fault_totals()
         if write:
-            native, _ = self.both(f"dma_write({addr + at:#x}, {n})",
-                                  lambda w: self.dev(w, item.dev).dma_write(addr + at, data))
+            native, _ = self.both(
+                f"dma_write({addr + at:#x}, {n})",
+                lambda w: self.dev(w, item.dev).dma_write(addr + at, data),
+            )
         else:
-            native, _ = self.both(f"dma_read({addr + at:#x}, {n})",
-                                  lambda w: self.dev(w, item.dev).dma_read(addr + at, n))
+            native, _ = self.both(
+                f"dma_read({addr + at:#x}, {n})",
+                lambda w: self.dev(w, item.dev).dma_read(addr + at, n),
+            )
         allowed = item.dev == "direct" or (may_write if write else may_read)(item.direction)
         if not allowed:
             assert isinstance(native.exc, sg.IommuFault), native.describe()
@@ -769,13 +924,19 @@ class LockstepMachine(RuleBasedStateMachine):
             prot = sg.IOMMU_READ if may_read(item.direction) else sg.IOMMU_WRITE
             last = self.worlds[0].iommu.faults()[-1]
             assert (last.iova, last.access, last.reason, last.prot) == (
-                addr + at, "write" if write else "read", "no permission", prot), last
+                addr + at,
+                "write" if write else "read",
+                "no permission",
+                prot,
+            ), last
             return
         assert native.ok, native.describe()
         assert self.fault_totals() == totals
         skip = self.stream_offset(segs, j) + at
-        cpu = self.value("copy_to_buffer at the DMA offset",
-                         lambda w: item.raws[w].copy_to_buffer(self.worlds[w].mem, n, skip))
+        cpu = self.value(
+            "copy_to_buffer at the DMA offset",
+            lambda w: item.raws[w].copy_to_buffer(self.worlds[w].mem, n, skip),
+        )
         if write:
             if not self.has_duplicate_pages(item.raws[0]):
                 assert cpu == data, "the device's write is not where the CPU sees it"
@@ -783,8 +944,12 @@ class LockstepMachine(RuleBasedStateMachine):
             assert native.value == cpu, "the device read other bytes than the CPU sees"
 
     @precondition(lambda self: self.mapped_items())
-    @rule(m=INDEX, extra=st.sampled_from([0, 0, -1, 1, -100]), write=st.booleans(),
-          seed=st.integers(0, 2**32))
+    @rule(
+        m=INDEX,
+        extra=st.sampled_from([0, 0, -1, 1, -100]),
+        write=st.booleans(),
+        seed=st.integers(0, 2**32),
+    )
     def device_table_access(self, m: int, extra: int, write: bool, seed: int) -> None:
         """dma_read_table / dma_write_table over the whole mapping (or a byte more)."""
         item = pick(self.mapped_items(), m)
@@ -792,12 +957,15 @@ class LockstepMachine(RuleBasedStateMachine):
         n = max(0, total + extra)
         data = random.Random(seed).randbytes(n)
         if write:
-            native, _ = self.both(f"dma_write_table({n})",
-                                  lambda w: self.dev(w, item.dev).dma_write_table(item.via[w],
-                                                                                  data))
+            native, _ = self.both(
+                f"dma_write_table({n})",
+                lambda w: self.dev(w, item.dev).dma_write_table(item.via[w], data),
+            )
         else:
-            native, _ = self.both(f"dma_read_table({n})",
-                                  lambda w: self.dev(w, item.dev).dma_read_table(item.via[w], n))
+            native, _ = self.both(
+                f"dma_read_table({n})",
+                lambda w: self.dev(w, item.dev).dma_read_table(item.via[w], n),
+            )
         if n > total:
             assert isinstance(native.exc, sg.InvalidArgument), native.describe()
             return
@@ -806,8 +974,10 @@ class LockstepMachine(RuleBasedStateMachine):
             assert isinstance(native.exc, sg.IommuFault), native.describe()
             return
         assert native.ok, native.describe()
-        cpu = self.value("copy_to_buffer of the table",
-                         lambda w: item.raws[w].copy_to_buffer(self.worlds[w].mem, n))
+        cpu = self.value(
+            "copy_to_buffer of the table",
+            lambda w: item.raws[w].copy_to_buffer(self.worlds[w].mem, n),
+        )
         if write:
             assert native.value == n
             if not self.has_duplicate_pages(item.raws[0]):
@@ -815,12 +985,20 @@ class LockstepMachine(RuleBasedStateMachine):
         else:
             assert native.value == cpu
 
-    @rule(dev=st.sampled_from(DEVICES), write=st.booleans(), n=st.integers(1, 2 * PAGE),
-          kind=st.sampled_from(["zero", "aperture", "cached", "past_segment", "random",
-                                "above_mask", "beyond_memory"]),
-          r=INDEX, seed=st.integers(0, 2**32), burst=mostly(st.just(0), st.just(150), 1))
-    def device_access_invalid(self, dev: str, write: bool, n: int, kind: str, r: int,
-                              seed: int, burst: int) -> None:
+    @rule(
+        dev=st.sampled_from(DEVICES),
+        write=st.booleans(),
+        n=st.integers(1, 2 * PAGE),
+        kind=st.sampled_from(
+            ["zero", "aperture", "cached", "past_segment", "random", "above_mask", "beyond_memory"]
+        ),
+        r=INDEX,
+        seed=st.integers(0, 2**32),
+        burst=mostly(st.just(0), st.just(150), 1),
+    )
+    def device_access_invalid(
+        self, dev: str, write: bool, n: int, kind: str, r: int, seed: int, burst: int
+    ) -> None:
         """Device accesses at addresses that are (or may be) outside every mapping: both
         engines fault alike, and where the address is surely unmapped, they must fault.
         A burst first repeats the access, to wrap the 256-record fault log around."""
@@ -876,11 +1054,14 @@ class LockstepMachine(RuleBasedStateMachine):
                         pass
         totals = self.fault_totals()
         if write:
-            native, _ = self.both(f"dma_write({addr:#x}, {n}) [{kind}]",
-                                  lambda w: self.dev(w, dev).dma_write(addr, data))
+            native, _ = self.both(
+                f"dma_write({addr:#x}, {n}) [{kind}]",
+                lambda w: self.dev(w, dev).dma_write(addr, data),
+            )
         else:
-            native, _ = self.both(f"dma_read({addr:#x}, {n}) [{kind}]",
-                                  lambda w: self.dev(w, dev).dma_read(addr, n))
+            native, _ = self.both(
+                f"dma_read({addr:#x}, {n}) [{kind}]", lambda w: self.dev(w, dev).dma_read(addr, n)
+            )
         logged = self.fault_totals()
         if isinstance(native.exc, sg.IommuFault):
             assert native.exc.access == access
@@ -890,7 +1071,10 @@ class LockstepMachine(RuleBasedStateMachine):
                 assert logged == (totals[0] + 1, totals[1] + 1), "one fault, one log record"
                 last = self.worlds[0].iommu.faults()[-1]
                 assert (last.iova, last.access, last.reason) == (
-                    native.exc.iova, access, native.exc.fault_reason), last
+                    native.exc.iova,
+                    access,
+                    native.exc.fault_reason,
+                ), last
                 assert last.seq == logged[0] - 1, last  # numbered from 0, never reset
                 if last.reason != "no permission":
                     assert last.prot == 0, last
@@ -904,8 +1088,10 @@ class LockstepMachine(RuleBasedStateMachine):
             assert native.exc.iova == addr
         if dev != "direct":
             self.both(f"iommu.lookup({addr:#x})", lambda w: self.worlds[w].iommu.lookup(addr))
-            self.both(f"iommu.translate({addr:#x})",
-                      lambda w: self.worlds[w].iommu.translate(addr, access))
+            self.both(
+                f"iommu.translate({addr:#x})",
+                lambda w: self.worlds[w].iommu.translate(addr, access),
+            )
 
     # -- owned SGTables and Devres --------------------------------------------------------
     @precondition(lambda self: any(r.owner is None for r in self.pages))
@@ -917,11 +1103,11 @@ class LockstepMachine(RuleBasedStateMachine):
             return
         rec = pick(candidates, i)
         free_before = self.free_page_counts()
-        native, model = self.both(f"SGTable.new({dev}, {len(rec.pfns)} pages, "
-                                  f"{direction.name})",
-                                  lambda w: sg.SGTable.new(self.dev(w, dev), rec.objs[w],
-                                                           direction),
-                                  key=lambda t: [(e.dma_address, e.dma_len) for e in t])
+        native, model = self.both(
+            f"SGTable.new({dev}, {len(rec.pfns)} pages, {direction.name})",
+            lambda w: sg.SGTable.new(self.dev(w, dev), rec.objs[w], direction),
+            key=lambda t: [(e.dma_address, e.dma_len) for e in t],
+        )
         limits = self.limits(dev)
         limit = min(limits["max_mapping_size"], limits["max_segment_size"], U32_MAX)
         limit = limit // self.page * self.page  # the CPU entries' limit: a page or more
@@ -947,8 +1133,9 @@ class LockstepMachine(RuleBasedStateMachine):
     @rule(s=INDEX)
     def sgtable_use(self, s: int) -> None:
         rec = pick(self.sgtables, s)
-        native, _ = self.both("list(SGTable)",
-                              lambda w: [(e.dma_address, e.dma_len) for e in rec.objs[w]])
+        native, _ = self.both(
+            "list(SGTable)", lambda w: [(e.dma_address, e.dma_len) for e in rec.objs[w]]
+        )
         view, _ = self.both("SGTable.borrow().nents", lambda w: rec.objs[w].borrow().nents)
         if rec.revoked:
             assert isinstance(native.exc, sg.ClosedError) and "revoked" in str(native.exc)
@@ -966,8 +1153,7 @@ class LockstepMachine(RuleBasedStateMachine):
 
     def close_sgtable_rec(self, rec: SGRec) -> None:
         live = not rec.revoked
-        block = self.block_of(rec.objs[0]._raw, rec.dev) \
-            if live and rec.dev != "direct" else None
+        block = self.block_of(rec.objs[0]._raw, rec.dev) if live and rec.dev != "direct" else None
         segs = self.segment_rows(rec.objs[0]._raw) if live else []
         free_before = self.free_page_counts()
         ranges_before = self.worlds[0].iommu.iova_ranges(cached=True, reserved=True)
@@ -987,8 +1173,11 @@ class LockstepMachine(RuleBasedStateMachine):
         self.sgtables.remove(rec)
         self.pages.remove(rec.pages)
 
-    @rule(dev=st.sampled_from(DEVICES), op=st.sampled_from(["unbind", "bind", "rebind"]),
-          owner_of=st.one_of(st.none(), INDEX))
+    @rule(
+        dev=st.sampled_from(DEVICES),
+        op=st.sampled_from(["unbind", "bind", "rebind"]),
+        owner_of=st.one_of(st.none(), INDEX),
+    )
     def unbind_bind(self, dev: str, op: str, owner_of: Optional[int]) -> None:
         """Unbind (revoking the device's owned SGTables), bind, or both in a row; owner_of
         picks the device of a live SGTable instead, where there is one."""
@@ -1004,9 +1193,11 @@ class LockstepMachine(RuleBasedStateMachine):
 
     def unbind(self, dev: str) -> None:
         owned = [s for s in self.sgtables if s.dev == dev and not s.revoked]
-        blocks = [(s, self.block_of(s.objs[0]._raw, dev),
-                   self.segment_rows(s.objs[0]._raw))
-                  for s in owned if dev != "direct"]
+        blocks = [
+            (s, self.block_of(s.objs[0]._raw, dev), self.segment_rows(s.objs[0]._raw))
+            for s in owned
+            if dev != "direct"
+        ]
         hand_mapped = sum(1 for t in self.tables if t.mapped and t.mapped[0] == dev)
         native, _ = self.both(f"unbind({dev})", lambda w: self.dev(w, dev).unbind())
         assert native.ok, native.describe()
@@ -1031,27 +1222,53 @@ class LockstepMachine(RuleBasedStateMachine):
     def engines_agree_on_state(self) -> None:
         if len(self.worlds) != 2:
             return
-        self.both("memory counters", lambda w: (self.worlds[w].mem.free_pages,
-                                                self.worlds[w].mem.resident_pages))
-        self.both("iommu counters", lambda w: (self.worlds[w].iommu.mapped_pages,
-                                               self.worlds[w].iommu.fault_total))
+        self.both(
+            "memory counters",
+            lambda w: (self.worlds[w].mem.free_pages, self.worlds[w].mem.resident_pages),
+        )
+        self.both(
+            "iommu counters",
+            lambda w: (self.worlds[w].iommu.mapped_pages, self.worlds[w].iommu.fault_total),
+        )
         self.both("iommu.faults()", lambda w: self.worlds[w].iommu.faults())
-        self.both("iommu.iova_ranges", lambda w: self.worlds[w].iommu.iova_ranges(
-            cached=True, reserved=True))
+        self.both(
+            "iommu.iova_ranges",
+            lambda w: self.worlds[w].iommu.iova_ranges(cached=True, reserved=True),
+        )
         for key in DEVICES:
-            self.both(f"{key} state", lambda w: (self.dev(w, key).live_mappings,
-                                                 self.dev(w, key).bound,
-                                                 self.dev(w, key).injected_failures))
+            self.both(
+                f"{key} state",
+                lambda w: (
+                    self.dev(w, key).live_mappings,
+                    self.dev(w, key).bound,
+                    self.dev(w, key).injected_failures,
+                ),
+            )
         for n, table in enumerate(self.tables):
-            self.both(f"table {n} state", lambda w: (
-                table.objs[w].nents, table.objs[w].orig_nents, table.objs[w].total_nents,
-                table.objs[w].final, table.objs[w].mapped, table.objs[w].direction,
-                table.objs[w].export_cpu(), table.objs[w].export_dma(table.objs[w].orig_nents),
-                table.objs[w].page_pfns()))
+            self.both(
+                f"table {n} state",
+                lambda w: (
+                    table.objs[w].nents,
+                    table.objs[w].orig_nents,
+                    table.objs[w].total_nents,
+                    table.objs[w].final,
+                    table.objs[w].mapped,
+                    table.objs[w].direction,
+                    table.objs[w].export_cpu(),
+                    table.objs[w].export_dma(table.objs[w].orig_nents),
+                    table.objs[w].page_pfns(),
+                ),
+            )
         for n, rec in enumerate(self.sgtables):
-            self.both(f"SGTable {n} state", lambda w: (
-                rec.objs[w].closed, rec.objs[w].revoked,
-                rec.objs[w]._raw.export_cpu(), rec.objs[w]._raw.export_dma()))
+            self.both(
+                f"SGTable {n} state",
+                lambda w: (
+                    rec.objs[w].closed,
+                    rec.objs[w].revoked,
+                    rec.objs[w]._raw.export_cpu(),
+                    rec.objs[w]._raw.export_dma(),
+                ),
+            )
 
     @invariant()
     def pages_are_held_or_free(self) -> None:
@@ -1087,8 +1304,12 @@ class LockstepMachine(RuleBasedStateMachine):
                     continue
                 start, iova_len = self.block_of(raw, item.dev)
                 info = raw._engine.table_mapping(raw._life.handle)
-                assert info is not None and (info[1], info[2]) == (start, iova_len), \
-                    (world.engine, info, start, iova_len)
+                assert info is not None and (info[1], info[2]) == (start, iova_len), (
+                    world.engine,
+                    info,
+                    start,
+                    iova_len,
+                )
                 expected_pages += iova_len // GRANULE
                 matches = [k for k, r in enumerate(live) if r.start == start]
                 assert len(matches) == 1, (world.engine, hex(start), live)
@@ -1100,11 +1321,19 @@ class LockstepMachine(RuleBasedStateMachine):
                 assert block.size_bytes == granules * GRANULE, (world.engine, block, iova_len)
                 assert block.start % (roundup_pow2(granules) * GRANULE) == 0
                 for addr, length in self.segment_rows(raw):
-                    assert start <= addr and addr + length <= start + iova_len, \
-                        (world.engine, hex(addr), length, hex(start), iova_len)
+                    assert start <= addr and addr + length <= start + iova_len, (
+                        world.engine,
+                        hex(addr),
+                        length,
+                        hex(start),
+                        iova_len,
+                    )
             assert len(owners) == len(live), (world.engine, "a live IOVA range without table")
-            assert iommu.mapped_pages == expected_pages, (world.engine, iommu.mapped_pages,
-                                                          expected_pages)
+            assert iommu.mapped_pages == expected_pages, (
+                world.engine,
+                iommu.mapped_pages,
+                expected_pages,
+            )
             for key in DEVICES:
                 expected = sum(1 for item in items if item.dev == key)
                 assert world.devs[key].live_mappings == expected, (world.engine, key)

@@ -14,26 +14,36 @@ PAGE = 4096
 
 
 def state(t: sg.RawTable):
-    return (cpu_rows(t), t.nents, t.orig_nents, t.total_nents, t.final, t.chunk_slots(),
-            t.sg_nents())
+    return (
+        cpu_rows(t),
+        t.nents,
+        t.orig_nents,
+        t.total_nents,
+        t.final,
+        t.chunk_slots(),
+        t.sg_nents(),
+    )
 
 
-@pytest.mark.parametrize("kwargs, pfns, needle, reason", [
-    ({}, [], "no pages: at least one page", sg.Reason.ZERO_PAGES),
-    ({"max_segment": 0}, [0], "max_segment=0", sg.Reason.MAX_SEGMENT),
-    ({"max_segment": 4095}, [0], "max_segment=4095", sg.Reason.MAX_SEGMENT),
-    ({"max_segment": -1}, [0], "max_segment=-1", sg.Reason.MAX_SEGMENT),
-    ({"offset": 4096}, [0], "offset=4096", sg.Reason.OFFSET),
-    ({"offset": -1}, [0], "offset=-1", sg.Reason.OFFSET),
-    ({"size": 0}, [0], "size=0", sg.Reason.SIZE),
-    ({"size": 4097}, [0], "size=4097", sg.Reason.SIZE),
-    ({"size": 4096}, [0, 2], "size=4096", sg.Reason.SIZE),  # ends before the last page
-    ({"offset": 100, "size": 4097}, [0, 2, 4], "size=4097", sg.Reason.SIZE),
-    ({"offset": 100, "size": 2 * PAGE - 99}, [0, 2], "size=8093", sg.Reason.SIZE),
-    ({"page_size": 3000}, [0], "page_size=3000", sg.Reason.PAGE_SIZE),
-    ({"page_size": 2048}, [0], "page_size=2048", sg.Reason.PAGE_SIZE),
-    ({}, [0, 1 << 51], "pfns[1]=2251799813685248", sg.Reason.PFN_RANGE),
-])
+@pytest.mark.parametrize(
+    "kwargs, pfns, needle, reason",
+    [
+        ({}, [], "no pages: at least one page", sg.Reason.ZERO_PAGES),
+        ({"max_segment": 0}, [0], "max_segment=0", sg.Reason.MAX_SEGMENT),
+        ({"max_segment": 4095}, [0], "max_segment=4095", sg.Reason.MAX_SEGMENT),
+        ({"max_segment": -1}, [0], "max_segment=-1", sg.Reason.MAX_SEGMENT),
+        ({"offset": 4096}, [0], "offset=4096", sg.Reason.OFFSET),
+        ({"offset": -1}, [0], "offset=-1", sg.Reason.OFFSET),
+        ({"size": 0}, [0], "size=0", sg.Reason.SIZE),
+        ({"size": 4097}, [0], "size=4097", sg.Reason.SIZE),
+        ({"size": 4096}, [0, 2], "size=4096", sg.Reason.SIZE),  # ends before the last page
+        ({"offset": 100, "size": 4097}, [0, 2, 4], "size=4097", sg.Reason.SIZE),
+        ({"offset": 100, "size": 2 * PAGE - 99}, [0, 2], "size=8093", sg.Reason.SIZE),
+        ({"page_size": 3000}, [0], "page_size=3000", sg.Reason.PAGE_SIZE),
+        ({"page_size": 2048}, [0], "page_size=2048", sg.Reason.PAGE_SIZE),
+        ({}, [0, 1 << 51], "pfns[1]=2251799813685248", sg.Reason.PFN_RANGE),
+    ],
+)
 def test_bad_build_arguments(table_from, kwargs, pfns, needle, reason):
     with pytest.raises(sg.InvalidArgument) as info:
         table_from(pfns, **kwargs)
@@ -67,9 +77,16 @@ def test_wrong_types(table_from):
 def test_pfn_buffers_of_every_kind_agree(table_from):
     pfns = [4, 5, 9, 11, 12, 13]
     expected = cpu_rows(table_from(pfns))
-    for form in (array("Q", pfns), memoryview(array("Q", pfns)), np.array(pfns, dtype=np.uint64),
-                 np.array(pfns, dtype=np.int64), np.array(pfns, dtype=np.uint32),
-                 array("I", pfns), tuple(pfns), range(0) or pfns):
+    for form in (
+        array("Q", pfns),
+        memoryview(array("Q", pfns)),
+        np.array(pfns, dtype=np.uint64),
+        np.array(pfns, dtype=np.int64),
+        np.array(pfns, dtype=np.uint32),
+        array("I", pfns),
+        tuple(pfns),
+        range(0) or pfns,
+    ):
         assert cpu_rows(table_from(form)) == expected
     # A strided view is copied, not misread.
     strided = np.array([4, 0, 5, 0, 9], dtype=np.uint64)[::2]
@@ -84,13 +101,16 @@ def test_append_after_final_call(table_from):
     assert state(t) == before
 
 
-@pytest.mark.parametrize("pfns, kwargs, needle", [
-    ([], {}, "no pages"),
-    ([10], {"size": 0}, "size=0"),
-    ([10], {"size": 5000}, "size=5000"),
-    ([2, 1 << 60], {}, "pfns[1]="),
-    ([3], {"size": 100}, "not whole pages while pfns[0] continues"),  # 3 merges into [1,2]
-])
+@pytest.mark.parametrize(
+    "pfns, kwargs, needle",
+    [
+        ([], {}, "no pages"),
+        ([10], {"size": 0}, "size=0"),
+        ([10], {"size": 5000}, "size=5000"),
+        ([2, 1 << 60], {}, "pfns[1]="),
+        ([3], {"size": 100}, "not whole pages while pfns[0] continues"),  # 3 merges into [1,2]
+    ],
+)
 def test_failed_append_changes_nothing(table_from, pfns, kwargs, needle):
     t = table_from([1, 2], left_pages=4)
     before = state(t)

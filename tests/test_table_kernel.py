@@ -12,6 +12,7 @@ PAGE = 4096
 
 # -- worked results of spec section 4 --------------------------------------------------------
 
+
 def test_append_merges_into_previous_entry(table_from):
     t = table_from([0, 1, 3, 4, 5, 6], max_segment=12 * PAGE, left_pages=6)
     assert cpu_rows(t) == [(0, 0, 8192), (3, 0, 16384)]
@@ -55,10 +56,19 @@ def test_size_clips_only_the_last_entry(table_from):
 
 # -- chaining ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("n_entries, slots", [
-    (1, [1]), (127, [127]), (128, [128]), (129, [128, 2]), (255, [128, 128]),
-    (256, [128, 128, 2]), (10_000, [128] * 78 + [94]),
-])
+
+@pytest.mark.parametrize(
+    "n_entries, slots",
+    [
+        (1, [1]),
+        (127, [127]),
+        (128, [128]),
+        (129, [128, 2]),
+        (255, [128, 128]),
+        (256, [128, 128, 2]),
+        (10_000, [128] * 78 + [94]),
+    ],
+)
 def test_chunks_of_128_with_the_last_slot_as_link(table_from, n_entries, slots):
     pfns = list(range(0, 2 * n_entries, 2))  # scattered: one entry per page
     t = table_from(pfns)
@@ -78,6 +88,7 @@ def test_chunk_size_follows_page_size(table_from, page_size, per_chunk):
 
 
 # -- append tables ---------------------------------------------------------------------
+
 
 def test_left_pages_reserves_slots(table_from):
     # An append with left_pages=2 that ends with 2 used entries gives total_nents 3.
@@ -134,6 +145,7 @@ def test_append_whole_call_merged_keeps_nents(table_from):
 
 # -- counting helpers and iterators ---------------------------------------------------------
 
+
 @pytest.mark.parametrize("length, expected", [(0, 0), (1, 1), (4096, 1), (4097, 2), (12288, 3)])
 def test_nents_for_len(table_from, length, expected):
     t = table_from([0, 2, 4])
@@ -171,4 +183,4 @@ def test_dma_fields_start_zero(table_from):
 def test_export_cpu_matches_iteration(table_from):
     t = table_from([9, 10, 30, 31, 32, 50], offset=7, size=6 * PAGE - 7 - 5)
     rows = t.export_cpu()
-    assert [tuple(rows[i:i + 3]) for i in range(0, len(rows), 3)] == cpu_rows(t)
+    assert [tuple(rows[i : i + 3]) for i in range(0, len(rows), 3)] == cpu_rows(t)

@@ -72,15 +72,16 @@ class Failures:
                 body()
             except BaseException:  # noqa: BLE001 - reported by the main thread
                 self.record(who)
+
         return target
 
     def check(self) -> None:
-        assert not self.items, f"{len(self.items)} thread failure(s):\n" + "\n".join(
-            self.items[:5])
+        assert not self.items, f"{len(self.items)} thread failure(s):\n" + "\n".join(self.items[:5])
 
 
-def run_until(main: List[threading.Thread], done: threading.Event,
-              helpers: List[threading.Thread]) -> None:
+def run_until(
+    main: List[threading.Thread], done: threading.Event, helpers: List[threading.Thread]
+) -> None:
     """Start everything, wait for the main threads, then tell the helpers to stop."""
     for thread in main + helpers:
         thread.start()
@@ -100,13 +101,22 @@ def segments(raw: sg.RawTable) -> List[Tuple[int, int]]:
 
 # -- shared IOMMU, two devices, a prober ---------------------------------------------------------
 
+
 def test_threads_share_an_iommu(engine: str) -> None:
     iterations = WORKER_ITERATIONS[engine]
     mem = sg.PhysicalMemory(64 << 20, engine=engine)
     iommu = sg.Iommu(mem, aperture_bits=APERTURE_BITS)
-    devices = [sg.Device(mem, iommu, name="nic", debug="off"),
-               sg.Device(mem, iommu, name="gpu", dma_mask=sg.DMA_BIT_MASK(64),
-                         max_segment_size=3 * PAGE, debug="off")]
+    devices = [
+        sg.Device(mem, iommu, name="nic", debug="off"),
+        sg.Device(
+            mem,
+            iommu,
+            name="gpu",
+            dma_mask=sg.DMA_BIT_MASK(64),
+            max_segment_size=3 * PAGE,
+            debug="off",
+        ),
+    ]
     iommu.reserve_iova(*RESERVED)
     free_at_start = mem.free_pages
     failures = Failures()
@@ -123,19 +133,25 @@ def test_threads_share_an_iommu(engine: str) -> None:
         go.wait()
         for it in range(iterations):
             n_pages = rng.randint(1, 8)
-            pages = mem.alloc_pages(n_pages, rng.choice(["contiguous", "scattered", "random"]),
-                                    seed=rng.getrandbits(64))
+            pages = mem.alloc_pages(
+                n_pages, rng.choice(["contiguous", "scattered", "random"]), seed=rng.getrandbits(64)
+            )
             mine = set(pages.pfns.tolist())
             dev = devices[(k + it) % 2]
             direction = rng.choice([Dir.BIDIRECTIONAL, Dir.FROM_DEVICE])
             owned = None
             if it % 2 == 0:
                 offset = rng.randrange(PAGE)
-                size = rng.randint(max(1, (n_pages - 1) * PAGE - offset + 1),
-                                   n_pages * PAGE - offset)
-                raw = sg.alloc_table_from_pages(pages.pfns, offset=offset, size=size,
-                                                max_segment=rng.choice([None, 2 * PAGE]),
-                                                engine=engine)
+                size = rng.randint(
+                    max(1, (n_pages - 1) * PAGE - offset + 1), n_pages * PAGE - offset
+                )
+                raw = sg.alloc_table_from_pages(
+                    pages.pfns,
+                    offset=offset,
+                    size=size,
+                    max_segment=rng.choice([None, 2 * PAGE]),
+                    engine=engine,
+                )
                 sg.dma_map_sgtable(dev, raw, direction)
                 target: Any = raw
                 mapped_by_hand[k] += 1
@@ -157,7 +173,7 @@ def test_threads_share_an_iommu(engine: str) -> None:
                 for probe in {0, length - 1, rng.randrange(length)}:
                     phys = iommu.translate(addr + probe, "write")
                     assert phys // PAGE in mine, f"worker {k}: {addr + probe:#x} -> {phys:#x}"
-                    assert mem.read(phys, 1) == data[at + probe:at + probe + 1]
+                    assert mem.read(phys, 1) == data[at + probe : at + probe + 1]
                 at += length
             if owned is not None:
                 owned.close()
@@ -170,9 +186,9 @@ def test_threads_share_an_iommu(engine: str) -> None:
     def prober() -> None:
         rng = random.Random(7)
         candidates = [
-            lambda: rng.randrange(PAGE),                                 # IOVA 0: never used
-            lambda: RESERVED[0] + rng.randrange(RESERVED[1]),            # reserved window
-            lambda: (1 << APERTURE_BITS) + rng.randrange(1 << 40),       # outside the aperture
+            lambda: rng.randrange(PAGE),  # IOVA 0: never used
+            lambda: RESERVED[0] + rng.randrange(RESERVED[1]),  # reserved window
+            lambda: (1 << APERTURE_BITS) + rng.randrange(1 << 40),  # outside the aperture
         ]
         go.wait()
         probes = 0
@@ -191,8 +207,11 @@ def test_threads_share_an_iommu(engine: str) -> None:
             except sg.IommuFault as fault:
                 assert fault.iova == addr, (hex(fault.iova), hex(addr))
                 # Above a device's dma_mask, the access never reaches the IOMMU's fault log.
-                assert fault.fault_reason in ("not mapped", "outside the aperture",
-                                              "above the DMA mask")
+                assert fault.fault_reason in (
+                    "not mapped",
+                    "outside the aperture",
+                    "above the DMA mask",
+                )
                 prober_faults[0] += fault.fault_reason != "above the DMA mask"
             else:
                 raise AssertionError(f"an access at never-mapped {addr:#x} did not fault")
@@ -204,13 +223,19 @@ def test_threads_share_an_iommu(engine: str) -> None:
                 assert a.start + a.size_bytes <= b.start, (a, b)
             assert all(r.start >= PAGE for r in ranges)
             live = [r for r in ranges if r.state == "live"]
-            assert not any(r.start < RESERVED[0] + RESERVED[1] and
-                           RESERVED[0] < r.start + r.size_bytes for r in live)
+            assert not any(
+                r.start < RESERVED[0] + RESERVED[1] and RESERVED[0] < r.start + r.size_bytes
+                for r in live
+            )
             for record in iommu.faults()[-8:]:
                 assert record.iova in prober_addresses, f"unexpected fault {record}"
 
-    threads = [threading.Thread(target=failures.run(f"worker {k}", lambda k=k: worker(k)),
-                                name=f"worker-{k}") for k in range(N_WORKERS)]
+    threads = [
+        threading.Thread(
+            target=failures.run(f"worker {k}", lambda k=k: worker(k)), name=f"worker-{k}"
+        )
+        for k in range(N_WORKERS)
+    ]
     probe_thread = threading.Thread(target=failures.run("prober", prober), name="prober")
     run_until(threads, workers_done, [probe_thread])
     failures.check()
@@ -232,14 +257,16 @@ def test_threads_share_an_iommu(engine: str) -> None:
 
 # -- unbind racing owned tables ---------------------------------------------------------------
 
+
 class UnmapLedger:
     """Counts the engine's map and unmap calls for one device, per table handle: a second
     unmap of one mapping (or an unmap of something never mapped) is recorded as a violation.
     Calls for other devices (say, tables of earlier tests that the garbage collector is
     unmapping now) pass through uncounted."""
 
-    def __init__(self, engine_name: str, monkeypatch: pytest.MonkeyPatch,
-                 device: sg.Device) -> None:
+    def __init__(
+        self, engine_name: str, monkeypatch: pytest.MonkeyPatch, device: sg.Device
+    ) -> None:
         gc.collect()  # the earlier tests' garbage goes now, not in the middle of this one
         self.engine = get_engine(engine_name)
         self.lock = threading.Lock()
@@ -298,11 +325,11 @@ def test_unbind_races_owned_tables(engine: str, monkeypatch: pytest.MonkeyPatch)
         rng = random.Random(k)
         go.wait()
         for _ in range(iterations):
-            pages = mem.alloc_pages(rng.randint(1, 6), rng.choice(["scattered", "random"]),
-                                    seed=rng.getrandbits(32))
+            pages = mem.alloc_pages(
+                rng.randint(1, 6), rng.choice(["scattered", "random"]), seed=rng.getrandbits(32)
+            )
             try:
-                table = sg.SGTable.new(dev, pages, rng.choice([Dir.TO_DEVICE,
-                                                              Dir.BIDIRECTIONAL]))
+                table = sg.SGTable.new(dev, pages, rng.choice([Dir.TO_DEVICE, Dir.BIDIRECTIONAL]))
             except sg.DeviceUnbound:
                 # Refused: nothing mapped, and the pages are still the caller's.
                 assert not pages.closed and not pages.owned
@@ -335,10 +362,18 @@ def test_unbind_races_owned_tables(engine: str, monkeypatch: pytest.MonkeyPatch)
             dev.bind()
             time.sleep(0.0005 * (k + 1))  # bound most of the time, unbound often
 
-    creators = [threading.Thread(target=failures.run(f"creator {k}", lambda k=k: creator(k)),
-                                 name=f"creator-{k}") for k in range(n_creators)]
-    togglers = [threading.Thread(target=failures.run(f"toggler {k}", lambda k=k: toggler(k)),
-                                 name=f"toggler-{k}") for k in range(n_togglers)]
+    creators = [
+        threading.Thread(
+            target=failures.run(f"creator {k}", lambda k=k: creator(k)), name=f"creator-{k}"
+        )
+        for k in range(n_creators)
+    ]
+    togglers = [
+        threading.Thread(
+            target=failures.run(f"toggler {k}", lambda k=k: toggler(k)), name=f"toggler-{k}"
+        )
+        for k in range(n_togglers)
+    ]
     run_until(creators, creators_done, togglers)
     failures.check()
 
@@ -376,13 +411,14 @@ def test_unbind_races_owned_tables(engine: str, monkeypatch: pytest.MonkeyPatch)
 # package makes unbind wait for the call in progress.  Both designs pass; only what the
 # documentation rules out fails.
 
-def _unbind_in_another_thread(dev: sg.Device, result: Dict[str, Any],
-                              wait: float = 0.5) -> None:
+
+def _unbind_in_another_thread(dev: sg.Device, result: Dict[str, Any], wait: float = 0.5) -> None:
     def unbind() -> None:
         try:
             result["released"] = dev.unbind()
         except BaseException as exc:  # noqa: BLE001 - checked by the test
             result["error"] = exc
+
     thread = threading.Thread(target=unbind, name="unbinder")
     result["thread"] = thread
     thread.start()
@@ -391,7 +427,8 @@ def _unbind_in_another_thread(dev: sg.Device, result: Dict[str, Any],
 
 @pytest.mark.parametrize("access", ["read", "write"])
 def test_device_access_racing_unbind_is_refused_or_completed(
-        engine: str, access: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine: str, access: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """An owned SGTable promises ClosedError once unbind revoked its mapping, never a view of
     a mapping half torn down.  Here the unbind has unmapped the table in the engine but not
     yet marked the mapping gone when the device accesses the table: the access must complete
@@ -408,8 +445,7 @@ def test_device_access_racing_unbind_is_refused_or_completed(
     real_unmap = eng.dma_unmap
     unmapped, go = threading.Event(), threading.Event()
 
-    def unbind_unmap(dev_handle: Any, table_handle: Any, direction: int, nents: Any = None
-                     ) -> None:
+    def unbind_unmap(dev_handle: Any, table_handle: Any, direction: int, nents: Any = None) -> None:
         real_unmap(dev_handle, table_handle, direction, nents)
         if dev_handle is dev._life.handle:  # (not another test's table the collector unmaps)
             unmapped.set()  # the engine has unmapped; the mapping is not marked gone yet
@@ -435,7 +471,8 @@ def test_device_access_racing_unbind_is_refused_or_completed(
     assert "error" not in result, result.get("error")
     assert result.get("released") == 1 and table.revoked
     assert isinstance(outcome, (bytes, int, sg.ClosedError)), (
-        f"dma_{access}_table racing an unbind raised {type(outcome).__name__}: {outcome}")
+        f"dma_{access}_table racing an unbind raised {type(outcome).__name__}: {outcome}"
+    )
     if access == "read" and isinstance(outcome, bytes):
         assert outcome == data
     assert iommu.mapped_pages == 0 and dev.live_mappings == 0 and iommu.fault_total == 0
@@ -445,8 +482,9 @@ def test_device_access_racing_unbind_is_refused_or_completed(
     mem.close()
 
 
-def test_unbind_counts_only_the_mappings_it_releases(engine: str,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unbind_counts_only_the_mappings_it_releases(
+    engine: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Device.unbind "returns how many were released".  When the owner's close() has already
     unmapped an SGTable but not yet taken its Devres entry back, the unbind has nothing left
     to release for it: it must not count it (the table is not revoked either)."""
@@ -459,8 +497,7 @@ def test_unbind_counts_only_the_mappings_it_releases(engine: str,
     counted_unmap = eng.dma_unmap
     result: Dict[str, Any] = {}
 
-    def owner_unmap(dev_handle: Any, table_handle: Any, direction: int, nents: Any = None
-                    ) -> None:
+    def owner_unmap(dev_handle: Any, table_handle: Any, direction: int, nents: Any = None) -> None:
         counted_unmap(dev_handle, table_handle, direction, nents)
         if dev_handle is dev._life.handle and "thread" not in result:
             # Unmapped by close(); the device unbinds right now.
@@ -475,7 +512,8 @@ def test_unbind_counts_only_the_mappings_it_releases(engine: str,
     assert not table.revoked
     assert result["released"] == 0, (
         f"unbind() returned {result['released']} though close() had unmapped the only "
-        f"mapping; nothing was released by the unbind")
+        f"mapping; nothing was released by the unbind"
+    )
     assert iommu.mapped_pages == 0 and dev.live_mappings == 0
     dev.close()
     iommu.close()
@@ -483,7 +521,8 @@ def test_unbind_counts_only_the_mappings_it_releases(engine: str,
 
 
 def test_transfer_in_flight_does_not_cross_into_a_remapped_iova(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """A device transfer through an owned SGTable must not outlive the mapping it started
     on.  Here the unbind gets to unmap the table after the transfer's mapped check but before
     its address translation, and another device's table takes the freed IOVA block (the IOVA
@@ -511,8 +550,7 @@ def test_transfer_in_flight_does_not_cross_into_a_remapped_iova(
     at_unmap, reader_inside, unmapped = threading.Event(), threading.Event(), threading.Event()
     state: Dict[str, Any] = {}
 
-    def unbind_unmap(dev_handle: Any, table_handle: Any, direction: int, nents: Any = None
-                     ) -> None:
+    def unbind_unmap(dev_handle: Any, table_handle: Any, direction: int, nents: Any = None) -> None:
         if dev_handle is not dev._life.handle:  # another test's table the collector unmaps
             return real_unmap(dev_handle, table_handle, direction, nents)
         at_unmap.set()
@@ -524,10 +562,12 @@ def test_transfer_in_flight_does_not_cross_into_a_remapped_iova(
         if threading.current_thread() is threading.main_thread() and "bystander" not in state:
             reader_inside.set()
             if unmapped.wait(1.0):
+
                 def map_bystander() -> None:
                     table = sg.SGTable.new(other, bystander_pages, Dir.BIDIRECTIONAL)
                     other.dma_write_table(table, theirs)
                     state["bystander"] = table
+
                 helper = threading.Thread(target=map_bystander)
                 helper.start()
                 helper.join(5.0)
@@ -557,7 +597,8 @@ def test_transfer_in_flight_does_not_cross_into_a_remapped_iova(
         assert next(iter(bystander)).dma_address == victim_iova
     assert outcome == mine or isinstance(outcome, sg.ClosedError), (
         "a transfer through an SGTable revoked mid-flight returned "
-        + ("the bystander table's bytes" if outcome == theirs else repr(outcome)[:200]))
+        + ("the bystander table's bytes" if outcome == theirs else repr(outcome)[:200])
+    )
     if bystander is None:  # mapped only now, after the transfer: the block is still free
         bystander = sg.SGTable.new(other, bystander_pages, Dir.BIDIRECTIONAL)
     assert other.dma_read_table(bystander)[:1] in (b"\x00", b"\x22")

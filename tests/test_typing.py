@@ -7,7 +7,7 @@ import textwrap
 
 from mypy import api
 
-SNIPPET = textwrap.dedent('''
+SNIPPET = textwrap.dedent("""
     import scatterlist as sg
 
     def use(dev: sg.Device, pages: sg.Pages) -> None:
@@ -20,18 +20,20 @@ SNIPPET = textwrap.dedent('''
         reveal_type(owned.pages)
         owned.close()
         view.close()
-''')
+""")
 
 
 def test_type_states(tmp_path):
     path = tmp_path / "snippet.py"
     path.write_text(SNIPPET)
-    stdout, stderr, _ = api.run(["--strict", "--no-incremental", "--cache-dir", str(tmp_path),
-                                 str(path)])
-    assert 'Revealed type is "scatterlist.sgtable.SGTable[scatterlist.sgtable.Owned[' \
-           'scatterlist.memory.Pages]]"' in stdout, stdout + stderr
-    assert 'Revealed type is "scatterlist.sgtable.SGTable[scatterlist.sgtable.Borrowed]"' \
-        in stdout
+    stdout, stderr, _ = api.run(
+        ["--strict", "--no-incremental", "--cache-dir", str(tmp_path), str(path)]
+    )
+    assert (
+        'Revealed type is "scatterlist.sgtable.SGTable[scatterlist.sgtable.Owned['
+        'scatterlist.memory.Pages]]"' in stdout
+    ), stdout + stderr
+    assert 'Revealed type is "scatterlist.sgtable.SGTable[scatterlist.sgtable.Borrowed]"' in stdout
     assert 'Revealed type is "int"' in stdout or 'Revealed type is "builtins.int"' in stdout
     assert 'Revealed type is "scatterlist.memory.Pages"' in stdout
     # close() is only for owners: calling it on a borrowed view is a type error.

@@ -27,29 +27,29 @@ LAYOUTS = {"contiguous": 0, "scattered": 1, "random": 2}
 class TableCounts(NamedTuple):
     """A table's counters (``struct sg_append_table`` and the emulation's final flag)."""
 
-    nents: int        #: DMA entries once mapped; orig_nents before and after
-    orig_nents: int   #: CPU entries holding pages
+    nents: int  #: DMA entries once mapped; orig_nents before and after
+    orig_nents: int  #: CPU entries holding pages
     total_nents: int  #: usable entry slots allocated (more than orig_nents while appending)
-    final: bool       #: the last append had left_pages == 0
+    final: bool  #: the last append had left_pages == 0
 
 
 class DeviceLimits(NamedTuple):
     """What a driver sees of a device's DMA constraints (``struct device_dma_parameters``),
     in bytes."""
 
-    dma_mask: int           #: highest address the device can generate: 2**n - 1
-    max_segment_size: int   #: dma_get_max_seg_size
+    dma_mask: int  #: highest address the device can generate: 2**n - 1
+    max_segment_size: int  #: dma_get_max_seg_size
     seg_boundary_mask: int  #: segments may not cross multiples of mask + 1
-    max_mapping_size: int   #: dma_max_mapping_size
+    max_mapping_size: int  #: dma_max_mapping_size
 
 
 class TableMapping(NamedTuple):
     """A table's live DMA mapping, as the engine keeps it."""
 
-    direction: int     #: DataDirection value
-    iova: int          #: the IOVA block (0 for direct mapping)
-    iova_len: int      #: its length in bytes (0 for direct mapping)
-    map_nents: int     #: the entry count passed to the map call
+    direction: int  #: DataDirection value
+    iova: int  #: the IOVA block (0 for direct mapping)
+    iova_len: int  #: its length in bytes (0 for direct mapping)
+    map_nents: int  #: the entry count passed to the map call
     mapped_count: int  #: the DMA segment count the map returned
 
 
@@ -98,8 +98,9 @@ class Engine(Protocol):
     def table_destroy(self, table: Any) -> None:
         """Frees the entries and the handle."""
 
-    def table_append(self, table: Any, pfns: memoryview, offset: int, size_bytes: int,
-                     left_pages: int) -> None:
+    def table_append(
+        self, table: Any, pfns: memoryview, offset: int, size_bytes: int, left_pages: int
+    ) -> None:
         """sg_alloc_append_table_from_pages with the rules of csrc/scatterlist.c."""
 
     def table_set_entries(self, table: Any, rows: memoryview) -> None:
@@ -126,8 +127,7 @@ class Engine(Protocol):
     def table_page_pfns(self, table: Any, start_pgoffset: int) -> "array[int]":
         """The pfns for_each_sgtable_page visits, starting start_pgoffset pages in."""
 
-    def table_copy(self, table: Any, mem: Any, buf: memoryview, skip: int,
-                   to_buffer: bool) -> int:
+    def table_copy(self, table: Any, mem: Any, buf: memoryview, skip: int, to_buffer: bool) -> int:
         """sg_copy_buffer over orig_nents entries; buf is writable when to_buffer.  Returns the
         bytes copied."""
 
@@ -197,21 +197,20 @@ class Engine(Protocol):
 
     def device_injected_failures(self, dev: Any) -> int: ...
 
-    def dma_map(self, dev: Any, table: Any, direction: int,
-                nents: Optional[int] = None) -> int:
+    def dma_map(self, dev: Any, table: Any, direction: int, nents: Optional[int] = None) -> int:
         """dma_map_sgtable (nents None: orig_nents, and the table's nents is set) or
         dma_map_sg (the first nents entries; the table's nents is left alone).  Returns the
         DMA segment count.  Every DMA field of the table is defined afterwards: entries past
         the count read DMA_MAPPING_ERROR / 0.  A DMA segment longer than 2**32-1 bytes is
         refused (DMA_SEGMENT_LENGTH) before anything is mapped."""
 
-    def dma_unmap(self, dev: Any, table: Any, direction: int,
-                  nents: Optional[int] = None) -> None:
+    def dma_unmap(self, dev: Any, table: Any, direction: int, nents: Optional[int] = None) -> None:
         """dma_unmap_sgtable (nents None) or dma_unmap_sg.  Clears the DMA view: every entry
         reads DMA_MAPPING_ERROR / 0 and nents is orig_nents again."""
 
-    def dma_sync(self, dev: Any, table: Any, direction: int, for_cpu: bool,
-                 nents: Optional[int] = None) -> None: ...
+    def dma_sync(
+        self, dev: Any, table: Any, direction: int, for_cpu: bool, nents: Optional[int] = None
+    ) -> None: ...
 
     def table_mapping(self, table: Any) -> Optional[TableMapping]:
         """The table's live mapping, else None."""

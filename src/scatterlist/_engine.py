@@ -22,7 +22,8 @@ def default_engine_name() -> str:
     name = os.environ.get("SCATTERLIST_ENGINE", "native").strip().lower() or "native"
     if name not in ENGINE_NAMES:
         raise InvalidArgument(
-            f"SCATTERLIST_ENGINE={name!r} is not an engine: choose one of {ENGINE_NAMES}")
+            f"SCATTERLIST_ENGINE={name!r} is not an engine: choose one of {ENGINE_NAMES}"
+        )
     return name
 
 
@@ -36,13 +37,23 @@ def get_engine(name: Optional[str] = None) -> Engine:
     if engine is None:
         if name == "native":
             from ._native import NativeEngine
+
             engine = NativeEngine()
         else:
             from .model import ModelEngine
+
             engine = ModelEngine()
         _cache[name] = engine
     return engine
 
 
-__all__ = ["ENGINE_NAMES", "LAYOUTS", "DeviceLimits", "Engine", "TableCounts", "TableMapping",
-           "default_engine_name", "get_engine"]
+__all__ = [
+    "ENGINE_NAMES",
+    "LAYOUTS",
+    "DeviceLimits",
+    "Engine",
+    "TableCounts",
+    "TableMapping",
+    "default_engine_name",
+    "get_engine",
+]

@@ -15,7 +15,8 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without a build
     raise ImportError(
         "scatterlist's native engine is not built (scatterlist._sg is missing): reinstall with "
-        "`pip install .`, or choose the pure-Python engine with SCATTERLIST_ENGINE=model") from exc
+        "`pip install .`, or choose the pure-Python engine with SCATTERLIST_ENGINE=model"
+    ) from exc
 
 from ._contract import DeviceLimits, TableCounts, TableMapping
 from .errors import error_for
@@ -24,15 +25,22 @@ EXPECTED_ABI_VERSION = 3
 if lib.sl_abi_version() != EXPECTED_ABI_VERSION:  # a stale build must fail loudly
     raise ImportError(
         f"scatterlist._sg has ABI version {lib.sl_abi_version()}, the Python layer expects "
-        f"{EXPECTED_ABI_VERSION}: rebuild with `pip install .`")
+        f"{EXPECTED_ABI_VERSION}: rebuild with `pip install .`"
+    )
 
 
 def _check(rc: int) -> int:
     """Raise the exception for a negative return code; pass other values through."""
     if rc < 0:
         detail = lib.sl_last_error()
-        raise error_for(-rc, detail.reason, element=detail.element, value=detail.value,
-                        limit=detail.limit, access=detail.access)
+        raise error_for(
+            -rc,
+            detail.reason,
+            element=detail.element,
+            value=detail.value,
+            limit=detail.limit,
+            access=detail.access,
+        )
     return rc
 
 
@@ -53,15 +61,19 @@ class NativeEngine:
         lib.physmem_destroy(mem)
 
     def memory_info(self, mem: Any) -> Tuple[int, int, int]:
-        return (lib.physmem_n_pages(mem), lib.physmem_free_pages(mem),
-                lib.physmem_resident_pages(mem))
+        return (
+            lib.physmem_n_pages(mem),
+            lib.physmem_free_pages(mem),
+            lib.physmem_resident_pages(mem),
+        )
 
     def memory_alloc_pages(self, mem: Any, n_pages: int, layout: int, seed: int) -> "array[int]":
         if n_pages > lib.physmem_free_pages(mem):  # refuse before sizing the result buffer
             _check(lib.physmem_alloc_pages(mem, n_pages, layout, seed, ffi.NULL))
         pfns = _u64_array(n_pages)
-        _check(lib.physmem_alloc_pages(mem, n_pages, layout, seed,
-                                       ffi.from_buffer("uint64_t[]", pfns)))
+        _check(
+            lib.physmem_alloc_pages(mem, n_pages, layout, seed, ffi.from_buffer("uint64_t[]", pfns))
+        )
         return pfns
 
     def memory_free_pages(self, mem: Any, pfns: memoryview) -> None:
@@ -86,26 +98,39 @@ class NativeEngine:
 
     def table_address(self, table: Any) -> int:
         if not isinstance(table, ffi.CData) or ffi.typeof(table) is not ffi.typeof(
-                "struct sl_table *"):
+            "struct sl_table *"
+        ):
             raise TypeError(f"not a struct sl_table pointer: {table!r}")
         return int(ffi.cast("uintptr_t", table))
 
     def table_destroy(self, table: Any) -> None:
         lib.sl_table_destroy(table)
 
-    def table_append(self, table: Any, pfns: memoryview, offset: int, size_bytes: int,
-                     left_pages: int) -> None:
-        _check(lib.sg_alloc_append_table_from_pages(
-            table, ffi.from_buffer("uint64_t[]", pfns), len(pfns), offset, size_bytes,
-            left_pages))
+    def table_append(
+        self, table: Any, pfns: memoryview, offset: int, size_bytes: int, left_pages: int
+    ) -> None:
+        _check(
+            lib.sg_alloc_append_table_from_pages(
+                table,
+                ffi.from_buffer("uint64_t[]", pfns),
+                len(pfns),
+                offset,
+                size_bytes,
+                left_pages,
+            )
+        )
 
     def table_set_entries(self, table: Any, rows: memoryview) -> None:
-        _check(lib.sg_alloc_table_from_entries(table, ffi.from_buffer("uint64_t[]", rows),
-                                               len(rows) // 3))
+        _check(
+            lib.sg_alloc_table_from_entries(
+                table, ffi.from_buffer("uint64_t[]", rows), len(rows) // 3
+            )
+        )
 
     def table_counts(self, table: Any) -> TableCounts:
-        return TableCounts(table.sgt.nents, table.sgt.orig_nents, table.total_nents,
-                           bool(table.final))
+        return TableCounts(
+            table.sgt.nents, table.sgt.orig_nents, table.total_nents, bool(table.final)
+        )
 
     def table_export_cpu(self, table: Any, n_entries: int) -> "array[int]":
         rows = _u64_array(3 * n_entries)
@@ -136,12 +161,10 @@ class NativeEngine:
     def table_page_pfns(self, table: Any, start_pgoffset: int) -> "array[int]":
         n_pages = lib.sl_table_page_count(table, start_pgoffset)
         pfns = _u64_array(n_pages)
-        lib.sl_table_page_pfns(table, start_pgoffset, ffi.from_buffer("uint64_t[]", pfns),
-                               n_pages)
+        lib.sl_table_page_pfns(table, start_pgoffset, ffi.from_buffer("uint64_t[]", pfns), n_pages)
         return pfns
 
-    def table_copy(self, table: Any, mem: Any, buf: memoryview, skip: int,
-                   to_buffer: bool) -> int:
+    def table_copy(self, table: Any, mem: Any, buf: memoryview, skip: int, to_buffer: bool) -> int:
         copied = ffi.new("uint64_t *")
         c_buf = ffi.from_buffer(buf, require_writable=to_buffer)
         _check(lib.sg_copy_buffer(table, mem, c_buf, len(buf), skip, int(to_buffer), copied))
@@ -193,8 +216,9 @@ class NativeEngine:
         records = ffi.new("struct iommu_fault[]", lib.IOMMU_FAULT_LOG_SIZE)
         lib.sl_iommu_lock(iommu)
         try:
-            count = lib.iommu_faults_read(lib.sl_iommu_domain(iommu), records,
-                                          lib.IOMMU_FAULT_LOG_SIZE)
+            count = lib.iommu_faults_read(
+                lib.sl_iommu_domain(iommu), records, lib.IOMMU_FAULT_LOG_SIZE
+            )
         finally:
             lib.sl_iommu_unlock(iommu)
         return [(r.seq, r.iova, r.access, r.reason, r.prot) for r in records[0:count]]
@@ -208,8 +232,12 @@ class NativeEngine:
         lib.sl_iommu_lock(iommu)
         try:
             domain, iovad = lib.sl_iommu_domain(iommu), lib.sl_iommu_iovad(iommu)
-            return (lib.iommu_mapped_pages(domain), lib.iommu_fault_total(domain),
-                    lib.iova_live_ranges(iovad), lib.iova_cached_ranges(iovad))
+            return (
+                lib.iommu_mapped_pages(domain),
+                lib.iommu_fault_total(domain),
+                lib.iova_live_ranges(iovad),
+                lib.iova_cached_ranges(iovad),
+            )
         finally:
             lib.sl_iommu_unlock(iommu)
 
@@ -220,8 +248,7 @@ class NativeEngine:
         lib.sl_iommu_lock(iommu)
         try:
             while True:
-                count = lib.iova_ranges(lib.sl_iommu_iovad(iommu), from_pfn, state_mask,
-                                        batch, 256)
+                count = lib.iova_ranges(lib.sl_iommu_iovad(iommu), from_pfn, state_mask, batch, 256)
                 ranges.extend((r.pfn_lo, r.pfn_hi, r.state) for r in batch[0:count])
                 if count < 256:
                     return ranges
@@ -264,8 +291,12 @@ class NativeEngine:
     def device_limits(self, dev: Any) -> DeviceLimits:
         limits = ffi.new("struct dma_device_limits *")
         lib.dma_device_get_limits(dev, limits)
-        return DeviceLimits(limits.dma_mask, limits.max_segment_size, limits.seg_boundary_mask,
-                            limits.max_mapping_size)
+        return DeviceLimits(
+            limits.dma_mask,
+            limits.max_segment_size,
+            limits.seg_boundary_mask,
+            limits.max_mapping_size,
+        )
 
     def device_set_limits(self, dev: Any, limits: DeviceLimits) -> None:
         c_limits = ffi.new("struct dma_device_limits *", limits._asdict())
@@ -291,22 +322,21 @@ class NativeEngine:
     def device_injected_failures(self, dev: Any) -> int:
         return int(lib.dma_device_injected_failures(dev))
 
-    def dma_map(self, dev: Any, table: Any, direction: int,
-                nents: Optional[int] = None) -> int:
+    def dma_map(self, dev: Any, table: Any, direction: int, nents: Optional[int] = None) -> int:
         if nents is None:
             _check(lib.dma_map_sgtable(dev, table, direction))
             return int(table.sgt.nents)
         return _check(lib.dma_map_sg(dev, table, nents, direction))
 
-    def dma_unmap(self, dev: Any, table: Any, direction: int,
-                  nents: Optional[int] = None) -> None:
+    def dma_unmap(self, dev: Any, table: Any, direction: int, nents: Optional[int] = None) -> None:
         if nents is None:
             _check(lib.dma_unmap_sgtable(dev, table, direction))
         else:
             _check(lib.dma_unmap_sg(dev, table, nents, direction))
 
-    def dma_sync(self, dev: Any, table: Any, direction: int, for_cpu: bool,
-                 nents: Optional[int] = None) -> None:
+    def dma_sync(
+        self, dev: Any, table: Any, direction: int, for_cpu: bool, nents: Optional[int] = None
+    ) -> None:
         if nents is None:
             _check(lib.dma_sync_sgtable(dev, table, direction, int(for_cpu)))
         else:
@@ -315,8 +345,13 @@ class NativeEngine:
     def table_mapping(self, table: Any) -> Optional[TableMapping]:
         if table.dma_dev == ffi.NULL:
             return None
-        return TableMapping(table.dma_dir, table.dma_iova, table.dma_iova_len,
-                            table.dma_map_nents, table.dma_mapped_count)
+        return TableMapping(
+            table.dma_dir,
+            table.dma_iova,
+            table.dma_iova_len,
+            table.dma_map_nents,
+            table.dma_mapped_count,
+        )
 
     def dma_check_access(self, dev: Any, dma_addr: int, n_bytes: int, access: int) -> None:
         _check(lib.dma_device_check_access(dev, dma_addr, n_bytes, access))

@@ -38,8 +38,9 @@ def require_int(name: str, value: object) -> int:
     return value
 
 
-def require_range(name: str, value: object, low: int, high: int,
-                  reason: Reason = Reason.NONE) -> int:
+def require_range(
+    name: str, value: object, low: int, high: int, reason: Reason = Reason.NONE
+) -> int:
     """``value`` as an int in [low, high], or InvalidArgument naming the argument."""
     number = require_int(name, value)
     if not low <= number <= high:
@@ -57,8 +58,9 @@ def as_pfn_view(pfns: PfnsLike, name: str = "pfns") -> memoryview:
     released, so a caller's buffer, which another thread could write meanwhile, is copied
     once (one ``memcpy``); other sequences are converted once."""
     if isinstance(pfns, (str, bytes, bytearray)):
-        raise TypeError(f"{name} must be a sequence or buffer of integers, not "
-                        f"{type(pfns).__name__}")
+        raise TypeError(
+            f"{name} must be a sequence or buffer of integers, not {type(pfns).__name__}"
+        )
     try:
         view = memoryview(pfns)  # type: ignore[arg-type]
     except TypeError:
@@ -66,8 +68,7 @@ def as_pfn_view(pfns: PfnsLike, name: str = "pfns") -> memoryview:
     if view is not None:
         if view.ndim != 1:
             raise InvalidArgument(f"{name} must be one-dimensional, not {view.ndim}-D")
-        if (view.itemsize == 8 and view.format.lstrip("@=<") in _U64_FORMATS
-                and view.c_contiguous):
+        if view.itemsize == 8 and view.format.lstrip("@=<") in _U64_FORMATS and view.c_contiguous:
             return memoryview(view.tobytes()).cast("Q")  # one copy, which nobody else holds
         try:
             items: Iterable[Any] = view.tolist()
@@ -98,9 +99,9 @@ def as_pfn_view(pfns: PfnsLike, name: str = "pfns") -> memoryview:
 # -- the lifetime protocol -------------------------------------------------------------------
 
 _OPEN = "open"
-_CLOSING = "closing"    # close() is waiting for the calls in flight
+_CLOSING = "closing"  # close() is waiting for the calls in flight
 _RELEASED = "released"  # the owner is gone; destroyed once the last call and pin are
-_DONE = "done"          # destroyed
+_DONE = "done"  # destroyed
 
 #: Objects with locks that a forked child must re-create (a thread of the parent may have held
 #: them at the fork): each has a ``_reinit_after_fork()`` method.
@@ -110,6 +111,7 @@ _fork_registry: "weakref.WeakSet[Any]" = weakref.WeakSet()
 def reinit_after_fork(obj: Any) -> None:
     """Have ``obj._reinit_after_fork()`` called in every child this process forks."""
     _fork_registry.add(obj)
+
 
 Teardown = Callable[[Any, bool], None]
 
@@ -141,21 +143,33 @@ class Lifetime:
     ``close()`` and False when the owner was dropped without closing.
     """
 
-    __slots__ = ("what", "handle", "_teardown", "_cond", "_state", "_calls", "_callers",
-                 "_pins", "_mutex", "_holder", "__weakref__")
+    __slots__ = (
+        "what",
+        "handle",
+        "_teardown",
+        "_cond",
+        "_state",
+        "_calls",
+        "_callers",
+        "_pins",
+        "_mutex",
+        "_holder",
+        "__weakref__",
+    )
 
-    def __init__(self, what: str, handle: Any, teardown: Teardown, *,
-                 exclusive: bool = False) -> None:
+    def __init__(
+        self, what: str, handle: Any, teardown: Teardown, *, exclusive: bool = False
+    ) -> None:
         self.what = what
         self.handle = handle
         self._teardown = teardown
         self._cond = threading.Condition(threading.Lock())
         self._state = _OPEN
-        self._calls = 0                      # calls in flight, and hold()s
-        self._callers: Dict[int, int] = {}   # thread -> calls it has in flight
+        self._calls = 0  # calls in flight, and hold()s
+        self._callers: Dict[int, int] = {}  # thread -> calls it has in flight
         self._pins: "Counter[str]" = Counter()
         self._mutex: Optional[threading.Lock] = threading.Lock() if exclusive else None
-        self._holder: Optional[int] = None   # the thread holding the mutex
+        self._holder: Optional[int] = None  # the thread holding the mutex
         _fork_registry.add(self)
 
     # -- state ------------------------------------------------------------------------
@@ -171,8 +185,9 @@ class Lifetime:
     def pinned_by(self) -> str:
         """The dependents, for messages: ``"2 Pages, 1 Device"``."""
         with self._cond:
-            return ", ".join(f"{count} {kind}" for kind, count in sorted(self._pins.items())
-                             if count)
+            return ", ".join(
+                f"{count} {kind}" for kind, count in sorted(self._pins.items()) if count
+            )
 
     # -- calls ------------------------------------------------------------------------
     def __enter__(self) -> Any:
@@ -180,8 +195,10 @@ class Lifetime:
         mutex = self._mutex
         if mutex is not None:
             if self._holder == tid:
-                raise BusyError(f"{self.what} is already in use by a call on this thread "
-                                f"(a callback re-entering it)")
+                raise BusyError(
+                    f"{self.what} is already in use by a call on this thread "
+                    f"(a callback re-entering it)"
+                )
             mutex.acquire()
         with self._cond:
             if self._state is _OPEN:
@@ -260,9 +277,11 @@ class Lifetime:
                 if self._state is _DONE or self._state is _RELEASED:
                     return False
                 if tid in self._callers:
-                    raise BusyError(f"{self.what}.close() was called from inside a call on "
-                                    f"the same object (a callback?): that call would go on "
-                                    f"with freed memory")
+                    raise BusyError(
+                        f"{self.what}.close() was called from inside a call on "
+                        f"the same object (a callback?): that call would go on "
+                        f"with freed memory"
+                    )
                 if self._state is _OPEN:
                     break
                 self._cond.wait()  # another thread is closing it: wait for the outcome
@@ -394,5 +413,11 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reinit_all_after_fork)
 
 
-__all__ = ["require_int", "require_range", "as_pfn_view", "PfnsLike", "Lifetime",
-           "reinit_after_fork"]
+__all__ = [
+    "require_int",
+    "require_range",
+    "as_pfn_view",
+    "PfnsLike",
+    "Lifetime",
+    "reinit_after_fork",
+]

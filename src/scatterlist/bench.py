@@ -66,9 +66,13 @@ def runs_for(engine: str, n_pages: int, budget_runs: int) -> int:
     return max(1, min(budget_runs, 3_000_000 // max(n_pages, 1)))
 
 
-def bench_build(sizes: Sequence[int] = DEFAULT_SIZES, layouts: Sequence[str] = LAYOUTS,
-                engines: Sequence[str] = ("native", "model"), runs: int = 15,
-                progress: Callable[[str], None] = lambda line: None) -> List[Result]:
+def bench_build(
+    sizes: Sequence[int] = DEFAULT_SIZES,
+    layouts: Sequence[str] = LAYOUTS,
+    engines: Sequence[str] = ("native", "model"),
+    runs: int = 15,
+    progress: Callable[[str], None] = lambda line: None,
+) -> List[Result]:
     results = []
     for n_pages in sizes:
         for layout in layouts:
@@ -83,14 +87,18 @@ def bench_build(sizes: Sequence[int] = DEFAULT_SIZES, layouts: Sequence[str] = L
                 build()  # warm-up: first-touch costs and caches
                 median = time_runs(build, count)
                 results.append(Result("build", layout, n_pages, engine, median, count))
-                progress(f"build {layout:<10} {n_pages:>9} pages {engine:<6} "
-                         f"{median * 1e3:10.3f} ms")
+                progress(
+                    f"build {layout:<10} {n_pages:>9} pages {engine:<6} {median * 1e3:10.3f} ms"
+                )
     return results
 
 
-def bench_dma(sizes: Sequence[int] = DEFAULT_SIZES, engines: Sequence[str] = ("native", "model"),
-              runs: int = 15, progress: Callable[[str], None] = lambda line: None
-              ) -> List[Result]:
+def bench_dma(
+    sizes: Sequence[int] = DEFAULT_SIZES,
+    engines: Sequence[str] = ("native", "model"),
+    runs: int = 15,
+    progress: Callable[[str], None] = lambda line: None,
+) -> List[Result]:
     """DMA mapping of scattered tables (the worst case: one entry per page) and device reads.
 
     - ``map+unmap iommu``: dma_map_sgtable + dma_unmap_sgtable through the IOMMU (one IOVA
@@ -104,10 +112,13 @@ def bench_dma(sizes: Sequence[int] = DEFAULT_SIZES, engines: Sequence[str] = ("n
         for engine in engines:
             mem = PhysicalMemory(1 << 40, engine=engine)
             iommu = Iommu(mem)
-            devices = {"iommu": Device(mem, iommu=iommu, dma_mask=DMA_BIT_MASK(64)),
-                       "direct": Device(mem, dma_mask=DMA_BIT_MASK(64))}
+            devices = {
+                "iommu": Device(mem, iommu=iommu, dma_mask=DMA_BIT_MASK(64)),
+                "direct": Device(mem, dma_mask=DMA_BIT_MASK(64)),
+            }
             table = alloc_table_from_pages(pfns, engine=engine)
             for mode, dev in devices.items():
+
                 def map_unmap(dev: Device = dev, table: RawTable = table) -> None:
                     dma_map_sgtable(dev, table, to_device)
                     dma_unmap_sgtable(dev, table, to_device)
@@ -115,10 +126,12 @@ def bench_dma(sizes: Sequence[int] = DEFAULT_SIZES, engines: Sequence[str] = ("n
                 count = runs_for(engine, 4 * n_pages, runs)
                 map_unmap()
                 median = time_runs(map_unmap, count)
-                results.append(Result(f"map+unmap {mode}", "scattered", n_pages, engine,
-                                      median, count))
-                progress(f"map+unmap {mode:<6} {n_pages:>9} pages {engine:<6} "
-                         f"{median * 1e3:10.3f} ms")
+                results.append(
+                    Result(f"map+unmap {mode}", "scattered", n_pages, engine, median, count)
+                )
+                progress(
+                    f"map+unmap {mode:<6} {n_pages:>9} pages {engine:<6} {median * 1e3:10.3f} ms"
+                )
             table.close()
             for dev in devices.values():
                 dev.close()
@@ -151,10 +164,13 @@ def bench_dma(sizes: Sequence[int] = DEFAULT_SIZES, engines: Sequence[str] = ("n
 def format_table(results: Sequence[Result]) -> str:
     by_case: Dict[tuple[str, str, int], Dict[str, Result]] = {}
     for result in results:
-        by_case.setdefault((result.operation, result.layout, result.n_pages), {})[
-            result.engine] = result
-    lines = [f"{'operation':<18}{'layout':<12}{'pages':>10}{'native ms':>12}{'ns/page':>9}"
-             f"{'model ms':>12}{'ns/page':>9}{'model/native':>14}"]
+        by_case.setdefault((result.operation, result.layout, result.n_pages), {})[result.engine] = (
+            result
+        )
+    lines = [
+        f"{'operation':<18}{'layout':<12}{'pages':>10}{'native ms':>12}{'ns/page':>9}"
+        f"{'model ms':>12}{'ns/page':>9}{'model/native':>14}"
+    ]
     for (operation, layout, n_pages), row in by_case.items():
         native, model = row.get("native"), row.get("model")
         cells = [f"{operation:<18}{layout:<12}{n_pages:>10}"]
@@ -163,8 +179,11 @@ def format_table(results: Sequence[Result]) -> str:
                 cells.append(f"{'-':>12}{'-':>9}")
             else:
                 cells.append(f"{measured.median_s * 1e3:>12.3f}{measured.ns_per_page:>9.1f}")
-        ratio = (f"{model.median_s / native.median_s:>13.0f}x"
-                 if native is not None and model is not None else f"{'-':>14}")
+        ratio = (
+            f"{model.median_s / native.median_s:>13.0f}x"
+            if native is not None and model is not None
+            else f"{'-':>14}"
+        )
         lines.append("".join(cells) + ratio)
     return "\n".join(lines)
 
@@ -178,14 +197,21 @@ def resident_bytes() -> int:
         return 0
 
 
-def soak(cycles: int, engine: str = "native", report_every: int = 10_000,
-         progress: Callable[[str], None] = lambda line: None) -> List[int]:
+def soak(
+    cycles: int,
+    engine: str = "native",
+    report_every: int = 10_000,
+    progress: Callable[[str], None] = lambda line: None,
+) -> List[int]:
     """``cycles`` times: allocate pages, build and map an owned SGTable for a device behind an
     IOMMU, write and read through the device, close (unmap, free entries, free pages).
     Returns the resident size sampled every ``report_every`` cycles."""
     samples: List[int] = []
-    with PhysicalMemory(1 << 30, engine=engine) as mem, Iommu(mem) as iommu, \
-            Device(mem, iommu=iommu, dma_mask=U64_MAX) as dev:
+    with (
+        PhysicalMemory(1 << 30, engine=engine) as mem,
+        Iommu(mem) as iommu,
+        Device(mem, iommu=iommu, dma_mask=U64_MAX) as dev,
+    ):
         payload = bytes(range(256)) * 16
         for cycle in range(1, cycles + 1):
             pages = mem.alloc_pages(1 + cycle % 16, "random", seed=cycle)
@@ -195,10 +221,16 @@ def soak(cycles: int, engine: str = "native", report_every: int = 10_000,
                     raise AssertionError(f"cycle {cycle}: data did not round-trip")
             if cycle % report_every == 0:
                 samples.append(resident_bytes())
-                progress(f"cycle {cycle:>8}: resident {samples[-1] / 2**20:8.1f} MiB, "
-                         f"IOMMU pages mapped {iommu.mapped_pages}, free pages "
-                         f"{mem.free_pages}")
-        if iommu.mapped_pages or iommu.iova_ranges() or dev.live_mappings or \
-                mem.free_pages != mem.n_pages:
+                progress(
+                    f"cycle {cycle:>8}: resident {samples[-1] / 2**20:8.1f} MiB, "
+                    f"IOMMU pages mapped {iommu.mapped_pages}, free pages "
+                    f"{mem.free_pages}"
+                )
+        if (
+            iommu.mapped_pages
+            or iommu.iova_ranges()
+            or dev.live_mappings
+            or mem.free_pages != mem.n_pages
+        ):
             raise AssertionError("soak: something was left mapped or allocated")
     return samples

@@ -40,9 +40,9 @@ class DataDirection(IntEnum):
     """The kernel's ``enum dma_data_direction``."""
 
     BIDIRECTIONAL = 0
-    TO_DEVICE = 1    #: the device reads memory
+    TO_DEVICE = 1  #: the device reads memory
     FROM_DEVICE = 2  #: the device writes memory
-    NONE = 3         #: for debugging only: map, unmap and sync refuse it
+    NONE = 3  #: for debugging only: map, unmap and sync refuse it
 
 
 def DMA_BIT_MASK(bits: int) -> int:
@@ -54,6 +54,16 @@ def DMA_BIT_MASK(bits: int) -> int:
     return (1 << bits) - 1
 
 
-__all__ = ["PAGE_SIZE", "U32_MAX", "U64_MAX", "MAX_SEGMENT_UNLIMITED", "DMA_MAPPING_ERROR",
-           "IOMMU_READ", "IOMMU_WRITE", "ACCESS_NAMES", "ACCESS_CODES", "DataDirection",
-           "DMA_BIT_MASK"]
+__all__ = [
+    "PAGE_SIZE",
+    "U32_MAX",
+    "U64_MAX",
+    "MAX_SEGMENT_UNLIMITED",
+    "DMA_MAPPING_ERROR",
+    "IOMMU_READ",
+    "IOMMU_WRITE",
+    "ACCESS_NAMES",
+    "ACCESS_CODES",
+    "DataDirection",
+    "DMA_BIT_MASK",
+]

@@ -47,8 +47,7 @@ from .errors import DmaApiError, DmaApiWarning, InvalidArgument
 
 MODES = ("off", "warn", "raise")
 L1_CACHE_SHIFT = 6  # the cacheline size dma-debug tracks overlaps by (64 bytes)
-_DIRECTION_NAMES = {0: "DMA_BIDIRECTIONAL", 1: "DMA_TO_DEVICE", 2: "DMA_FROM_DEVICE",
-                    3: "DMA_NONE"}
+_DIRECTION_NAMES = {0: "DMA_BIDIRECTIONAL", 1: "DMA_TO_DEVICE", 2: "DMA_FROM_DEVICE", 3: "DMA_NONE"}
 
 
 class DebugTarget(Protocol):
@@ -131,9 +130,11 @@ class DebugEntry:
 
     def describe(self) -> str:
         addr, size, _ = self.segments[0]
-        return (f"[device address={addr:#018x}] [size={size} bytes] [mapped with "
-                f"{_DIRECTION_NAMES.get(self.direction, str(self.direction))}] [mapped as sg] "
-                f"[entries={self.sg_call_ents} mapped={self.sg_mapped_ents}]")
+        return (
+            f"[device address={addr:#018x}] [size={size} bytes] [mapped with "
+            f"{_DIRECTION_NAMES.get(self.direction, str(self.direction))}] [mapped as sg] "
+            f"[entries={self.sg_call_ents} mapped={self.sg_mapped_ents}]"
+        )
 
 
 @dataclass(frozen=True)
@@ -205,15 +206,20 @@ def device_error_count(device: DebugTarget) -> int:
 
 def _caller_traceback() -> str:
     frames = traceback.extract_stack()[:-3]
-    frames = [f for f in frames if "/scatterlist/" not in f.filename.replace("\\", "/")
-              or "/tests/" in f.filename] or frames
+    frames = [
+        f
+        for f in frames
+        if "/scatterlist/" not in f.filename.replace("\\", "/") or "/tests/" in f.filename
+    ] or frames
     return "".join(traceback.format_list(frames[-8:]))
 
 
 # -- checks (called by scatterlist.dma) -------------------------------------------------------
 
-def _padding_exposures(cpu_rows: Sequence[Tuple[int, int, int]], page_size: int, granule: int,
-                      seg_boundary_mask: int) -> List[Tuple[int, int, int]]:
+
+def _padding_exposures(
+    cpu_rows: Sequence[Tuple[int, int, int]], page_size: int, granule: int, seg_boundary_mask: int
+) -> List[Tuple[int, int, int]]:
     """Where iommu-dma's layout pads the entry before a segment that would cross the
     boundary: ``(entry, phys, n_bytes)`` per padded entry, the physical range the IOMMU maps
     after that entry's own granules (outside the table)."""
@@ -234,54 +240,84 @@ def _padding_exposures(cpu_rows: Sequence[Tuple[int, int, int]], page_size: int,
     return exposures
 
 
-def check_map(cpu_rows: Sequence[Tuple[int, int, int]], dma_rows: Sequence[Tuple[int, int]],
-              page_size: int, direction: int, mapped_ents: int, *, max_segment_size: int,
-              seg_boundary_mask: int, granule: Optional[int]) -> List[Finding]:
+def check_map(
+    cpu_rows: Sequence[Tuple[int, int, int]],
+    dma_rows: Sequence[Tuple[int, int]],
+    page_size: int,
+    direction: int,
+    mapped_ents: int,
+    *,
+    max_segment_size: int,
+    seg_boundary_mask: int,
+    granule: Optional[int],
+) -> List[Finding]:
     """After a successful map: the per-segment checks of debug_dma_map_sg, and the padding
     exposure of an IOMMU mapping (``granule`` None for direct mapping)."""
     findings = []
     for index in range(mapped_ents):
         length = cpu_rows[index][2]
         if length > max_segment_size:
-            findings.append(Finding(
-                "map-segment-length",
-                f"mapping sg segment longer than device claims to support [len={length}] "
-                f"[max={max_segment_size}]"))
+            findings.append(
+                Finding(
+                    "map-segment-length",
+                    f"mapping sg segment longer than device claims to support [len={length}] "
+                    f"[max={max_segment_size}]",
+                )
+            )
         start, dma_len = dma_rows[index]
         end = start + dma_len - 1
         if (start ^ end) & ~seg_boundary_mask & U64_MAX:
-            findings.append(Finding(
-                "map-segment-boundary",
-                f"mapping sg segment across boundary [start={start:#018x}] [end={end:#018x}] "
-                f"[boundary={seg_boundary_mask:#018x}]"))
+            findings.append(
+                Finding(
+                    "map-segment-boundary",
+                    f"mapping sg segment across boundary [start={start:#018x}] [end={end:#018x}] "
+                    f"[boundary={seg_boundary_mask:#018x}]",
+                )
+            )
     if granule is not None:
-        for index, phys, n_bytes in _padding_exposures(cpu_rows, page_size, granule,
-                                                      seg_boundary_mask):
-            findings.append(Finding(
-                "map-padding-exposure",
-                f"boundary padding after sg entry {index} maps physical memory outside the "
-                f"table [phys={phys:#x}-{phys + n_bytes - 1:#x}] [size={n_bytes} bytes] "
-                f"[boundary={seg_boundary_mask:#018x}]"))
+        for index, phys, n_bytes in _padding_exposures(
+            cpu_rows, page_size, granule, seg_boundary_mask
+        ):
+            findings.append(
+                Finding(
+                    "map-padding-exposure",
+                    f"boundary padding after sg entry {index} maps physical memory outside the "
+                    f"table [phys={phys:#x}-{phys + n_bytes - 1:#x}] [size={n_bytes} bytes] "
+                    f"[boundary={seg_boundary_mask:#018x}]",
+                )
+            )
     if direction != DataDirection.TO_DEVICE:  # TO_DEVICE mappings are not tracked for overlaps
         with _guard.lock:
             for index in range(mapped_ents):
                 pfn, offset, _ = cpu_rows[index]
                 line = (pfn * page_size + offset) >> L1_CACHE_SHIFT
                 if _active_cachelines.get(line):
-                    findings.append(Finding(
-                        "map-overlap",
-                        "cacheline tracking EEXIST, overlapping mappings aren't supported "
-                        f"[cacheline={line:#x}]"))
+                    findings.append(
+                        Finding(
+                            "map-overlap",
+                            "cacheline tracking EEXIST, overlapping mappings aren't supported "
+                            f"[cacheline={line:#x}]",
+                        )
+                    )
     return findings
 
 
-def record_map(target: DebugTarget, cpu_rows: Sequence[Tuple[int, int, int]],
-               dma_rows: Sequence[Tuple[int, int]], page_size: int, direction: int,
-               call_ents: int, mapped_ents: int) -> DebugEntry:
-    segments = [(dma_rows[i][0], dma_rows[i][1], cpu_rows[i][0] * page_size + cpu_rows[i][1])
-                for i in range(mapped_ents)]
-    entry = DebugEntry(target.name, segments, direction, call_ents, mapped_ents,
-                       _caller_traceback())
+def record_map(
+    target: DebugTarget,
+    cpu_rows: Sequence[Tuple[int, int, int]],
+    dma_rows: Sequence[Tuple[int, int]],
+    page_size: int,
+    direction: int,
+    call_ents: int,
+    mapped_ents: int,
+) -> DebugEntry:
+    segments = [
+        (dma_rows[i][0], dma_rows[i][1], cpu_rows[i][0] * page_size + cpu_rows[i][1])
+        for i in range(mapped_ents)
+    ]
+    entry = DebugEntry(
+        target.name, segments, direction, call_ents, mapped_ents, _caller_traceback()
+    )
     with _guard.lock:
         records = _records_of(target)
         records.entries.append(entry)
@@ -322,56 +358,77 @@ def _find(target: DebugTarget, dev_addr: int) -> Optional[DebugEntry]:
 def _owner_of(dev_addr: int, besides: DebugTarget) -> Optional[str]:
     with _guard.lock:
         targets = [target for target in _records.keys() if target is not besides]
-    return next((target.name for target in targets if _find(target, dev_addr) is not None),
-                None)
+    return next((target.name for target in targets if _find(target, dev_addr) is not None), None)
 
 
-def check_unmap(target: DebugTarget, dma_rows: Sequence[Tuple[int, int]], direction: int,
-                call_ents: int) -> List[Finding]:
+def check_unmap(
+    target: DebugTarget, dma_rows: Sequence[Tuple[int, int]], direction: int, call_ents: int
+) -> List[Finding]:
     """check_unmap for the first segment's entry."""
     dev_addr, size = dma_rows[0] if dma_rows else (0, 0)
     entry = _find(target, dev_addr)
     if entry is None:
         owner = _owner_of(dev_addr, target)
         extra = f" (it is mapped by device {owner!r})" if owner else ""
-        return [Finding("unmap-not-mapped",
-                        "device driver tries to free DMA memory it has not allocated "
-                        f"[device address={dev_addr:#018x}] [size={size} bytes]{extra}")]
+        return [
+            Finding(
+                "unmap-not-mapped",
+                "device driver tries to free DMA memory it has not allocated "
+                f"[device address={dev_addr:#018x}] [size={size} bytes]{extra}",
+            )
+        ]
     findings = []
     for index in range(min(entry.sg_mapped_ents, len(dma_rows))):
         _, map_size, _ = entry.segments[index]
         unmap_addr, unmap_size = dma_rows[index]
         if unmap_size != map_size:
-            findings.append(Finding(
-                "unmap-size",
-                f"device driver frees DMA memory with different size [device address="
-                f"{unmap_addr:#018x}] [map size={map_size} bytes] [unmap size={unmap_size} "
-                f"bytes]", entry))
+            findings.append(
+                Finding(
+                    "unmap-size",
+                    f"device driver frees DMA memory with different size [device address="
+                    f"{unmap_addr:#018x}] [map size={map_size} bytes] [unmap size={unmap_size} "
+                    f"bytes]",
+                    entry,
+                )
+            )
             break
     if call_ents != entry.sg_call_ents:
-        findings.append(Finding(
-            "unmap-entry-count",
-            "device driver frees DMA sg list with different entry count [map count="
-            f"{entry.sg_call_ents}] [unmap count={call_ents}]", entry))
+        findings.append(
+            Finding(
+                "unmap-entry-count",
+                "device driver frees DMA sg list with different entry count [map count="
+                f"{entry.sg_call_ents}] [unmap count={call_ents}]",
+                entry,
+            )
+        )
     if direction != entry.direction:
-        findings.append(Finding(
-            "unmap-direction",
-            f"device driver frees DMA memory with different direction [device address="
-            f"{dev_addr:#018x}] [size={size} bytes] [mapped with "
-            f"{_DIRECTION_NAMES[entry.direction]}] [unmapped with "
-            f"{_DIRECTION_NAMES.get(direction, str(direction))}]", entry))
+        findings.append(
+            Finding(
+                "unmap-direction",
+                f"device driver frees DMA memory with different direction [device address="
+                f"{dev_addr:#018x}] [size={size} bytes] [mapped with "
+                f"{_DIRECTION_NAMES[entry.direction]}] [unmapped with "
+                f"{_DIRECTION_NAMES.get(direction, str(direction))}]",
+                entry,
+            )
+        )
     return findings
 
 
-def check_sync(target: DebugTarget, ranges: Iterable[Tuple[int, int]], direction: int,
-               call_ents: Optional[int], for_cpu: bool) -> List[Finding]:
+def check_sync(
+    target: DebugTarget,
+    ranges: Iterable[Tuple[int, int]],
+    direction: int,
+    call_ents: Optional[int],
+    for_cpu: bool,
+) -> List[Finding]:
     """check_sync for each range (dev_addr, size); call_ents is None for single syncs."""
     findings = []
     for dev_addr, size in ranges:
         entry, seg_size, seg_addr = None, 0, 0
         with _guard.lock:
             records = _records.get(target)
-            for candidate in (records.entries if records else []):
+            for candidate in records.entries if records else []:
                 for addr, length, _ in candidate.segments:
                     if addr <= dev_addr < addr + max(length, 1):
                         entry, seg_size, seg_addr = candidate, length, addr
@@ -379,42 +436,71 @@ def check_sync(target: DebugTarget, ranges: Iterable[Tuple[int, int]], direction
                 if entry:
                     break
         if entry is None:
-            findings.append(Finding(
-                "sync-not-mapped",
-                "device driver tries to sync DMA memory it has not allocated "
-                f"[device address={dev_addr:#018x}] [size={size} bytes]"))
+            findings.append(
+                Finding(
+                    "sync-not-mapped",
+                    "device driver tries to sync DMA memory it has not allocated "
+                    f"[device address={dev_addr:#018x}] [size={size} bytes]",
+                )
+            )
             continue
         if dev_addr + size > seg_addr + seg_size:
-            findings.append(Finding(
-                "sync-outside",
-                "device driver syncs DMA memory outside allocated range [device address="
-                f"{dev_addr:#018x}] [allocation size={seg_size} bytes] [sync offset+size="
-                f"{dev_addr - seg_addr + size}]", entry))
+            findings.append(
+                Finding(
+                    "sync-outside",
+                    "device driver syncs DMA memory outside allocated range [device address="
+                    f"{dev_addr:#018x}] [allocation size={seg_size} bytes] [sync offset+size="
+                    f"{dev_addr - seg_addr + size}]",
+                    entry,
+                )
+            )
         if entry.direction != DataDirection.BIDIRECTIONAL:
             if direction != entry.direction:
-                findings.append(Finding(
-                    "sync-direction",
-                    "device driver syncs DMA memory with different direction [device "
-                    f"address={dev_addr:#018x}] [size={size} bytes] [mapped with "
-                    f"{_DIRECTION_NAMES[entry.direction]}] [synced with "
-                    f"{_DIRECTION_NAMES.get(direction, str(direction))}]", entry))
-            if (for_cpu and entry.direction != DataDirection.FROM_DEVICE
-                    and direction != DataDirection.TO_DEVICE):
-                findings.append(Finding(
-                    "sync-read-only",
-                    "device driver syncs device read-only DMA memory for cpu [device "
-                    f"address={dev_addr:#018x}] [size={size} bytes]", entry))
-            if (not for_cpu and entry.direction != DataDirection.TO_DEVICE
-                    and direction != DataDirection.FROM_DEVICE):
-                findings.append(Finding(
-                    "sync-write-only",
-                    "device driver syncs device write-only DMA memory to device [device "
-                    f"address={dev_addr:#018x}] [size={size} bytes]", entry))
+                findings.append(
+                    Finding(
+                        "sync-direction",
+                        "device driver syncs DMA memory with different direction [device "
+                        f"address={dev_addr:#018x}] [size={size} bytes] [mapped with "
+                        f"{_DIRECTION_NAMES[entry.direction]}] [synced with "
+                        f"{_DIRECTION_NAMES.get(direction, str(direction))}]",
+                        entry,
+                    )
+                )
+            if (
+                for_cpu
+                and entry.direction != DataDirection.FROM_DEVICE
+                and direction != DataDirection.TO_DEVICE
+            ):
+                findings.append(
+                    Finding(
+                        "sync-read-only",
+                        "device driver syncs device read-only DMA memory for cpu [device "
+                        f"address={dev_addr:#018x}] [size={size} bytes]",
+                        entry,
+                    )
+                )
+            if (
+                not for_cpu
+                and entry.direction != DataDirection.TO_DEVICE
+                and direction != DataDirection.FROM_DEVICE
+            ):
+                findings.append(
+                    Finding(
+                        "sync-write-only",
+                        "device driver syncs device write-only DMA memory to device [device "
+                        f"address={dev_addr:#018x}] [size={size} bytes]",
+                        entry,
+                    )
+                )
         if call_ents is not None and call_ents != entry.sg_call_ents:
-            findings.append(Finding(
-                "sync-entry-count",
-                "device driver syncs DMA sg list with different entry count [map count="
-                f"{entry.sg_call_ents}] [sync count={call_ents}]", entry))
+            findings.append(
+                Finding(
+                    "sync-entry-count",
+                    "device driver syncs DMA sg list with different entry count [map count="
+                    f"{entry.sg_call_ents}] [sync count={call_ents}]",
+                    entry,
+                )
+            )
         if call_ents is not None:
             break  # one check per entry count is enough for an sg sync
     return findings
@@ -428,18 +514,27 @@ def check_unbind(target: DebugTarget) -> List[Finding]:
         pending = list(records.entries) if records else []
     if not pending:
         return []
-    details = "\n".join(f"  {entry.describe()}\n  Mapped at:\n" +
-                        "".join("    " + line + "\n" for line in entry.traceback.splitlines())
-                        for entry in pending)
-    return [Finding("unbind-pending",
-                    f"device driver has pending DMA allocations while released from device "
-                    f"[count={len(pending)}]\n{details}")]
+    details = "\n".join(
+        f"  {entry.describe()}\n  Mapped at:\n"
+        + "".join("    " + line + "\n" for line in entry.traceback.splitlines())
+        for entry in pending
+    )
+    return [
+        Finding(
+            "unbind-pending",
+            f"device driver has pending DMA allocations while released from device "
+            f"[count={len(pending)}]\n{details}",
+        )
+    ]
 
 
 def leak(what: str, entry: DebugEntry) -> Finding:
     """A mapped table dropped without unmap or close (found by its safety net)."""
-    return Finding("leak", f"{what} dropped while DMA-mapped: the safety net unmapped it "
-                           f"{entry.describe()}", entry)
+    return Finding(
+        "leak",
+        f"{what} dropped while DMA-mapped: the safety net unmapped it {entry.describe()}",
+        entry,
+    )
 
 
 def dump(device: Optional[DebugTarget] = None) -> List[DebugEntry]:
@@ -453,6 +548,17 @@ def dump(device: Optional[DebugTarget] = None) -> List[DebugEntry]:
         return [entry for records in _records.values() for entry in records.entries]
 
 
-__all__ = ["MODES", "DebugEntry", "DebugTarget", "Finding", "DmaApiError", "DmaApiWarning",
-           "set_mode", "get_mode", "error_count", "reset_error_count", "dump",
-           "device_error_count"]
+__all__ = [
+    "MODES",
+    "DebugEntry",
+    "DebugTarget",
+    "Finding",
+    "DmaApiError",
+    "DmaApiWarning",
+    "set_mode",
+    "get_mode",
+    "error_count",
+    "reset_error_count",
+    "dump",
+    "device_error_count",
+]

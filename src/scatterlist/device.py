@@ -28,8 +28,13 @@ from .table import RawTable, TableState
 _CHECK_BEFORE_ALLOCATING = 1 << 20
 
 
-def check_limits(page_size: int, dma_mask: object, max_segment_size: object,
-                 seg_boundary_mask: object, max_mapping_size: object) -> DeviceLimits:
+def check_limits(
+    page_size: int,
+    dma_mask: object,
+    max_segment_size: object,
+    seg_boundary_mask: object,
+    max_mapping_size: object,
+) -> DeviceLimits:
     """The device limits as ints, checked as the engines check them (same reasons)."""
     smallest = page_size - 1
     mask = require_range("dma_mask", dma_mask, 0, U64_MAX)
@@ -40,8 +45,7 @@ def check_limits(page_size: int, dma_mask: object, max_segment_size: object,
         raise error_for(errno.EINVAL, Reason.DEVICE_MAX_SEGMENT, value=max_segment)
     boundary = require_range("seg_boundary_mask", seg_boundary_mask, 0, U64_MAX)
     if boundary & (boundary + 1) or boundary < smallest:
-        raise error_for(errno.EINVAL, Reason.DEVICE_SEG_BOUNDARY, value=boundary,
-                        limit=smallest)
+        raise error_for(errno.EINVAL, Reason.DEVICE_SEG_BOUNDARY, value=boundary, limit=smallest)
     max_mapping = require_range("max_mapping_size", max_mapping_size, 0, U64_MAX)
     return DeviceLimits(mask, max_segment, boundary, max_mapping)
 
@@ -53,18 +57,28 @@ class Mapping:
     device is collected first); whichever comes first undoes it, once, under the table's
     mutex.  It holds the device, so the device outlives it."""
 
-    __slots__ = ("device", "table", "direction", "map_nents", "devres", "live", "revoked",
-                 "debug_entry", "__weakref__")
+    __slots__ = (
+        "device",
+        "table",
+        "direction",
+        "map_nents",
+        "devres",
+        "live",
+        "revoked",
+        "debug_entry",
+        "__weakref__",
+    )
 
-    def __init__(self, device: "Device", table: TableState, direction: int, map_nents: int,
-                 devres: bool) -> None:
+    def __init__(
+        self, device: "Device", table: TableState, direction: int, map_nents: int, devres: bool
+    ) -> None:
         self.device = device
         self.table = table
         self.direction = direction
         self.map_nents = map_nents
-        self.devres = devres        # an owned SGTable's: revoked at unbind
+        self.devres = devres  # an owned SGTable's: revoked at unbind
         self.live = True
-        self.revoked = False        # undone by device unbind rather than by its owner
+        self.revoked = False  # undone by device unbind rather than by its owner
         self.debug_entry: Optional[dma_debug.DebugEntry] = None
 
     @property
@@ -77,31 +91,37 @@ class Mapping:
         self.live = False
         self.revoked = revoked
         self.table.mapping = None
-        self.table.changed("its DMA mapping was revoked by device unbind" if revoked
-                           else "it was DMA-unmapped")
+        self.table.changed(
+            "its DMA mapping was revoked by device unbind" if revoked else "it was DMA-unmapped"
+        )
         self.device._state.forget(self)
         entry, self.debug_entry = self.debug_entry, None
         dma_debug.forget(self.device, entry)
         return entry
 
-    def end(self, table_handle: Any, *, revoked: bool = False,
-            leaked: Optional[str] = None) -> Optional[Callable[[], None]]:
+    def end(
+        self, table_handle: Any, *, revoked: bool = False, leaked: Optional[str] = None
+    ) -> Optional[Callable[[], None]]:
         """Unmap with the map's own arguments, unless already done (the caller holds the
         table's mutex).  ``leaked`` names the owner dropped without closing; the returned
         report then warns (ResourceWarning) and, with dma-debug on, reports the leak."""
         if not self.live:
             return None
         device = self.device
-        device._engine.dma_unmap(device._state.life.handle, table_handle, self.direction,
-                                 self.map_nents)
+        device._engine.dma_unmap(
+            device._state.life.handle, table_handle, self.direction, self.map_nents
+        )
         entry = self.finish(revoked=revoked)
         if leaked is None:
             return None
 
         def report() -> None:
-            warnings.warn(f"{leaked} dropped while DMA-mapped for device {device.name!r}: "
-                          f"its safety net unmapped it; unmap or close it yourself",
-                          ResourceWarning, stacklevel=2)
+            warnings.warn(
+                f"{leaked} dropped while DMA-mapped for device {device.name!r}: "
+                f"its safety net unmapped it; unmap or close it yourself",
+                ResourceWarning,
+                stacklevel=2,
+            )
             if entry is not None and dma_debug.mode_of(device) != "off":
                 dma_debug.deliver(device, [dma_debug.leak(leaked, entry)])
 
@@ -113,14 +133,20 @@ class _DeviceState:
     (so that a dropped device can be collected): its lifetime, the lifetimes it pins, and its
     live mappings (``lock`` guards them and the bound state's changes)."""
 
-    def __init__(self, engine: Engine, name: str, handle: Any, memory_life: Lifetime,
-                 iommu_life: Optional[Lifetime]) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        name: str,
+        handle: Any,
+        memory_life: Lifetime,
+        iommu_life: Optional[Lifetime],
+    ) -> None:
         self.engine = engine
         self.memory_life = memory_life
         self.iommu_life = iommu_life
         self.lock = threading.Lock()
         self.limits_lock = threading.Lock()
-        self.mappings: Dict[int, Mapping] = {}   # id -> mapping, oldest first
+        self.mappings: Dict[int, Mapping] = {}  # id -> mapping, oldest first
         self.life = Lifetime(f"Device {name!r}", handle, self._teardown)
 
     def register(self, mapping: Mapping) -> None:
@@ -137,8 +163,11 @@ class _DeviceState:
 
     def live(self, *, devres: Optional[bool] = None) -> List[Mapping]:
         with self.lock:
-            return [m for m in self.mappings.values()
-                    if m.live and (devres is None or m.devres == devres)]
+            return [
+                m
+                for m in self.mappings.values()
+                if m.live and (devres is None or m.devres == devres)
+            ]
 
     def set_bound(self, bound: bool) -> List[Mapping]:
         """Bind or unbind; unbinding returns the owned mappings to revoke, newest first."""
@@ -195,10 +224,18 @@ class Device:
     time); ``close()`` waits for the calls in flight.
     """
 
-    def __init__(self, memory: PhysicalMemory, iommu: Optional[Iommu] = None, *,
-                 name: str = "device", dma_mask: int = DMA_BIT_MASK(32),
-                 max_segment_size: int = 65536, seg_boundary_mask: int = U64_MAX,
-                 max_mapping_size: int = U64_MAX, debug: Optional[str] = None) -> None:
+    def __init__(
+        self,
+        memory: PhysicalMemory,
+        iommu: Optional[Iommu] = None,
+        *,
+        name: str = "device",
+        dma_mask: int = DMA_BIT_MASK(32),
+        max_segment_size: int = 65536,
+        seg_boundary_mask: int = U64_MAX,
+        max_mapping_size: int = U64_MAX,
+        debug: Optional[str] = None,
+    ) -> None:
         if not isinstance(memory, PhysicalMemory):
             raise TypeError(f"memory must be a PhysicalMemory, not {type(memory).__name__}")
         if memory.closed:
@@ -211,8 +248,9 @@ class Device:
         if not isinstance(name, str):
             raise TypeError(f"name must be a str, not {type(name).__name__}")
         # Every argument is converted and checked before anything is entered or created.
-        limits = check_limits(memory.page_size, dma_mask, max_segment_size, seg_boundary_mask,
-                              max_mapping_size)
+        limits = check_limits(
+            memory.page_size, dma_mask, max_segment_size, seg_boundary_mask, max_mapping_size
+        )
         debug_mode = None if debug is None else dma_debug.check_mode(debug)
         engine = memory._engine
         iommu_life = None if iommu is None else iommu._life
@@ -234,8 +272,7 @@ class Device:
         self._finalizer = weakref.finalize(self, self._life.release)
 
     @staticmethod
-    def _create(engine: Engine, mem_handle: Any, iommu_handle: Any,
-                limits: DeviceLimits) -> Any:
+    def _create(engine: Engine, mem_handle: Any, iommu_handle: Any, limits: DeviceLimits) -> Any:
         handle = engine.device_create(mem_handle, iommu_handle)
         try:
             engine.device_set_limits(handle, limits)
@@ -287,8 +324,7 @@ class Device:
         with self._life as handle, self._state.limits_lock:
             current = self._engine.device_limits(handle)._asdict()
             current[field] = number
-            self._engine.device_set_limits(handle, check_limits(self._memory.page_size,
-                                                                **current))
+            self._engine.device_set_limits(handle, check_limits(self._memory.page_size, **current))
 
     @property
     def dma_mask(self) -> int:
@@ -340,16 +376,23 @@ class Device:
         return dma_debug.device_error_count(self)
 
     # -- fault injection ----------------------------------------------------------------
-    def fail_maps(self, *, nth: Optional[int] = None, probability: Optional[float] = None,
-                  seed: int = 0, errno_value: int = errno.ENOMEM) -> None:
+    def fail_maps(
+        self,
+        *,
+        nth: Optional[int] = None,
+        probability: Optional[float] = None,
+        seed: int = 0,
+        errno_value: int = errno.ENOMEM,
+    ) -> None:
         """Make a map call fail: the ``nth`` one from now, or each with ``probability``
         (reproducible from ``seed``).  The failure comes late, after the IOVA block and the
         page-table entries exist, so the rollback that leaves nothing behind is exercised.
         ``errno_value``: ENOMEM, EINVAL or EIO.  ``fail_maps()`` with neither turns it off."""
         if isinstance(errno_value, bool) or not isinstance(errno_value, int):
             raise TypeError(f"errno_value must be an int, not {type(errno_value).__name__}")
-        if probability is not None and (isinstance(probability, bool) or
-                                        not isinstance(probability, (int, float))):
+        if probability is not None and (
+            isinstance(probability, bool) or not isinstance(probability, (int, float))
+        ):
             raise TypeError(f"probability must be a number, not {type(probability).__name__}")
         if errno_value not in (errno.ENOMEM, errno.EINVAL, errno.EIO):
             raise error_for(errno.EINVAL, Reason.INJECT_ERRNO, value=errno_value & U64_MAX)
@@ -382,8 +425,7 @@ class Device:
         with self._life:
             released = self._state.revoke(self._state.set_bound(False))
             # As in the kernel, dma-debug looks for leaks after the Devres releases ran.
-            findings = (dma_debug.check_unbind(self)
-                        if dma_debug.mode_of(self) != "off" else [])
+            findings = dma_debug.check_unbind(self) if dma_debug.mode_of(self) != "off" else []
         dma_debug.deliver(self, findings)
         return released
 
@@ -407,8 +449,12 @@ class Device:
         with self._life as handle:
             self._engine.dma_write(handle, dma_addr, view)
 
-    def _transfer(self, table: Union[RawTable, MappedTableView], n_bytes: Optional[int],
-                  body: Callable[[Any, Any, int], Any]) -> Any:
+    def _transfer(
+        self,
+        table: Union[RawTable, MappedTableView],
+        n_bytes: Optional[int],
+        body: Callable[[Any, Any, int], Any],
+    ) -> Any:
         """A whole-table transfer: device, then the view's owner, then the table, held for
         the transfer, so that an unmap or a revocation waits for it."""
         if isinstance(table, RawTable):
@@ -416,8 +462,7 @@ class Device:
         else:
             enter = getattr(table, "_entered_table", None)
             if enter is None:
-                raise TypeError(f"table must be a RawTable or SGTable, not "
-                                f"{type(table).__name__}")
+                raise TypeError(f"table must be a RawTable or SGTable, not {type(table).__name__}")
             raw, revocable, view = None, True, enter
         with self._life as handle:
             if view is not None:
@@ -426,11 +471,19 @@ class Device:
             assert raw is not None
             return self._transfer_locked(handle, raw, revocable, n_bytes, body)
 
-    def _transfer_locked(self, handle: Any, raw: RawTable, revocable: bool,
-                         n_bytes: Optional[int], body: Callable[[Any, Any, int], Any]) -> Any:
+    def _transfer_locked(
+        self,
+        handle: Any,
+        raw: RawTable,
+        revocable: bool,
+        n_bytes: Optional[int],
+        body: Callable[[Any, Any, int], Any],
+    ) -> Any:
         if raw.engine != self.engine:
-            raise InvalidArgument(f"the table belongs to the {raw.engine} engine, the device to "
-                                  f"the {self.engine} engine")
+            raise InvalidArgument(
+                f"the table belongs to the {raw.engine} engine, the device to "
+                f"the {self.engine} engine"
+            )
         with raw._life as table_handle:
             mapping = raw._state.mapping
             if mapping is None or not mapping.live:
@@ -448,21 +501,26 @@ class Device:
                 raise error_for(errno.EINVAL, Reason.DMA_LENGTH, value=wanted, limit=available)
             return body(handle, table_handle, wanted)
 
-    def dma_read_table(self, table: Union[RawTable, MappedTableView],
-                       n_bytes: Optional[int] = None) -> bytes:
+    def dma_read_table(
+        self, table: Union[RawTable, MappedTableView], n_bytes: Optional[int] = None
+    ) -> bytes:
         """The device reads the table's mapped DMA segments in order into one buffer (the
         first ``n_bytes``, default all)."""
         wanted = None if n_bytes is None else require_range("n_bytes", n_bytes, 0, U64_MAX)
-        data: bytes = self._transfer(table, wanted, lambda dev, tab, n: _allocating(
-            lambda: self._engine.dma_read_sg(dev, tab, n)))
+        data: bytes = self._transfer(
+            table,
+            wanted,
+            lambda dev, tab, n: _allocating(lambda: self._engine.dma_read_sg(dev, tab, n)),
+        )
         return data
 
     def dma_write_table(self, table: Union[RawTable, MappedTableView], data: Any) -> int:
         """The device writes ``data`` across the table's mapped DMA segments in order;
         returns the byte count."""
         view = memoryview(data).cast("B")
-        self._transfer(table, len(view),
-                       lambda dev, tab, n: self._engine.dma_write_sg(dev, tab, view))
+        self._transfer(
+            table, len(view), lambda dev, tab, n: self._engine.dma_write_sg(dev, tab, view)
+        )
         return len(view)
 
     # -- lifetime -----------------------------------------------------------------------
@@ -475,8 +533,10 @@ class Device:
         def prepare(handle: Any) -> None:
             by_hand = self._state.live(devres=False)
             if by_hand:
-                raise BusyError(f"Device.close: {len(by_hand)} table(s) are still mapped for "
-                                f"{self._name!r}; dma_unmap_sgtable them first")
+                raise BusyError(
+                    f"Device.close: {len(by_hand)} table(s) are still mapped for "
+                    f"{self._name!r}; dma_unmap_sgtable them first"
+                )
             self._state.revoke(self._state.set_bound(False))
             if dma_debug.mode_of(self) != "off":
                 findings.extend(dma_debug.check_unbind(self))

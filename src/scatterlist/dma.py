@@ -40,8 +40,9 @@ def _check_pair(dev: Device, table: RawTable) -> None:
     if not isinstance(table, RawTable):
         raise TypeError(f"table must be a RawTable, not {type(table).__name__}")
     if table.engine != dev.engine:
-        raise InvalidArgument(f"the table belongs to the {table.engine} engine, the device to "
-                              f"the {dev.engine} engine")
+        raise InvalidArgument(
+            f"the table belongs to the {table.engine} engine, the device to the {dev.engine} engine"
+        )
 
 
 def _cpu_rows(flat: Any) -> List[Tuple[int, int, int]]:
@@ -52,8 +53,9 @@ def _dma_rows(flat: Any) -> List[Tuple[int, int]]:
     return [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
 
 
-def map_table(dev: Device, table: RawTable, direction: int, nents: Optional[int], *,
-              devres: bool) -> Tuple[Mapping, int, List[dma_debug.Finding]]:
+def map_table(
+    dev: Device, table: RawTable, direction: int, nents: Optional[int], *, devres: bool
+) -> Tuple[Mapping, int, List[dma_debug.Finding]]:
     """Map (``dma_map_sgtable``, or ``dma_map_sg`` with ``nents``) and record the mapping;
     ``devres`` registers it for revocation at unbind (an owned SGTable's).  Returns the mapping,
     the DMA segment count and the dma-debug findings, which the caller delivers (in ``raise``
@@ -78,15 +80,21 @@ def map_table(dev: Device, table: RawTable, direction: int, nents: Optional[int]
             dma = _dma_rows(engine.table_export_dma(table_handle, count))
             limits = engine.device_limits(dev_handle)
             findings = dma_debug.check_map(
-                cpu, dma, table.page_size, direction, count,
+                cpu,
+                dma,
+                table.page_size,
+                direction,
+                count,
                 max_segment_size=limits.max_segment_size,
                 seg_boundary_mask=limits.seg_boundary_mask,
-                granule=None if dev.iommu is None else dev.iommu.granule)
+                granule=None if dev.iommu is None else dev.iommu.granule,
+            )
             if findings and dma_debug.mode_of(dev) == "raise":
                 mapping.end(table_handle)  # the call changes nothing
             else:
-                mapping.debug_entry = dma_debug.record_map(dev, cpu, dma, table.page_size,
-                                                           direction, call_ents, count)
+                mapping.debug_entry = dma_debug.record_map(
+                    dev, cpu, dma, table.page_size, direction, call_ents, count
+                )
     return mapping, count, findings
 
 
@@ -97,15 +105,16 @@ def _unmap(dev: Device, table: RawTable, direction: Any, nents: Optional[int]) -
     findings: List[dma_debug.Finding] = []
     with dev._life as dev_handle, table._life as table_handle:
         mapping = table._state.mapping
-        tracked = mapping is None or (isinstance(mapping, Mapping)
-                                      and mapping.debug_entry is not None)
+        tracked = mapping is None or (
+            isinstance(mapping, Mapping) and mapping.debug_entry is not None
+        )
         if dma_debug.mode_of(dev) != "off" and tracked:
             orig_nents = engine.table_counts(table_handle).orig_nents
             call_ents = orig_nents if nents is None else nents
             count = max(1, min(call_ents, orig_nents))
             findings = dma_debug.check_unmap(
-                dev, _dma_rows(engine.table_export_dma(table_handle, count)), dir_value,
-                call_ents)
+                dev, _dma_rows(engine.table_export_dma(table_handle, count)), dir_value, call_ents
+            )
         if not (findings and dma_debug.mode_of(dev) == "raise"):
             # The engine checks the device, direction and count; then the record goes.
             engine.dma_unmap(dev_handle, table_handle, dir_value, nents)
@@ -116,8 +125,9 @@ def _unmap(dev: Device, table: RawTable, direction: Any, nents: Optional[int]) -
     dma_debug.deliver(dev, findings, stacklevel=3)
 
 
-def _sync(dev: Device, table: RawTable, direction: Any, for_cpu: bool,
-          nents: Optional[int]) -> None:
+def _sync(
+    dev: Device, table: RawTable, direction: Any, for_cpu: bool, nents: Optional[int]
+) -> None:
     _check_pair(dev, table)
     dir_value = direction_value(direction)
     engine = dev._engine
@@ -131,8 +141,7 @@ def _sync(dev: Device, table: RawTable, direction: Any, for_cpu: bool,
             call_ents = orig_nents if nents is None else nents
             count = entry.sg_mapped_ents if entry is not None else 1
             rows = engine.table_export_dma(table_handle, min(count, orig_nents))
-            findings = dma_debug.check_sync(dev, _dma_rows(rows), dir_value, call_ents,
-                                            for_cpu)
+            findings = dma_debug.check_sync(dev, _dma_rows(rows), dir_value, call_ents, for_cpu)
         if not (findings and dma_debug.mode_of(dev) == "raise"):
             engine.dma_sync(dev_handle, table_handle, dir_value, for_cpu, nents)
     dma_debug.deliver(dev, findings, stacklevel=3)
@@ -164,8 +173,7 @@ def dma_sync_sgtable_for_cpu(dev: Device, table: RawTable, direction: DataDirect
     _sync(dev, table, direction, True, None)
 
 
-def dma_sync_sgtable_for_device(dev: Device, table: RawTable, direction: DataDirection
-                                ) -> None:
+def dma_sync_sgtable_for_device(dev: Device, table: RawTable, direction: DataDirection) -> None:
     """Hand the buffer back to the device (checks the call; no bytes move)."""
     _sync(dev, table, direction, False, None)
 
@@ -176,8 +184,7 @@ def dma_map_sg(dev: Device, table: RawTable, nents: int, direction: DataDirectio
     ``nents`` (not the returned count) to :func:`dma_unmap_sg` and the syncs."""
     _check_pair(dev, table)
     count_in = _nents(nents)
-    _, count, findings = map_table(dev, table, direction_value(direction), count_in,
-                                   devres=False)
+    _, count, findings = map_table(dev, table, direction_value(direction), count_in, devres=False)
     dma_debug.deliver(dev, findings, stacklevel=2)
     return count
 
@@ -188,25 +195,27 @@ def dma_unmap_sg(dev: Device, table: RawTable, nents: int, direction: DataDirect
     _unmap(dev, table, direction, _nents(nents))
 
 
-def dma_sync_sg_for_cpu(dev: Device, table: RawTable, nents: int,
-                        direction: DataDirection) -> None:
+def dma_sync_sg_for_cpu(dev: Device, table: RawTable, nents: int, direction: DataDirection) -> None:
     _sync(dev, table, direction, True, _nents(nents))
 
 
-def dma_sync_sg_for_device(dev: Device, table: RawTable, nents: int,
-                           direction: DataDirection) -> None:
+def dma_sync_sg_for_device(
+    dev: Device, table: RawTable, nents: int, direction: DataDirection
+) -> None:
     _sync(dev, table, direction, False, _nents(nents))
 
 
-def dma_sync_single_for_cpu(dev: Device, dma_addr: int, size: int,
-                            direction: DataDirection) -> None:
+def dma_sync_single_for_cpu(
+    dev: Device, dma_addr: int, size: int, direction: DataDirection
+) -> None:
     """Sync part of a mapping by DMA address: dma-debug checks it lies inside one mapping,
     in the mapped direction."""
     _sync_single(dev, dma_addr, size, direction, True)
 
 
-def dma_sync_single_for_device(dev: Device, dma_addr: int, size: int,
-                               direction: DataDirection) -> None:
+def dma_sync_single_for_device(
+    dev: Device, dma_addr: int, size: int, direction: DataDirection
+) -> None:
     _sync_single(dev, dma_addr, size, direction, False)
 
 
@@ -217,12 +226,26 @@ def _sync_single(dev: Device, dma_addr: int, size: int, direction: Any, for_cpu:
     dma_addr = require_range("dma_addr", dma_addr, 0, U64_MAX)
     size = require_range("size", size, 1, U64_MAX)
     with dev._life:
-        findings = (dma_debug.check_sync(dev, [(dma_addr, size)], dir_value, None, for_cpu)
-                    if dma_debug.mode_of(dev) != "off" else [])
+        findings = (
+            dma_debug.check_sync(dev, [(dma_addr, size)], dir_value, None, for_cpu)
+            if dma_debug.mode_of(dev) != "off"
+            else []
+        )
     dma_debug.deliver(dev, findings, stacklevel=3)
 
 
-__all__ = ["dma_map_sgtable", "dma_unmap_sgtable", "dma_sync_sgtable_for_cpu",
-           "dma_sync_sgtable_for_device", "dma_map_sg", "dma_unmap_sg", "dma_sync_sg_for_cpu",
-           "dma_sync_sg_for_device", "dma_sync_single_for_cpu", "dma_sync_single_for_device",
-           "map_table", "direction_value", "DmaApiError"]
+__all__ = [
+    "dma_map_sgtable",
+    "dma_unmap_sgtable",
+    "dma_sync_sgtable_for_cpu",
+    "dma_sync_sgtable_for_device",
+    "dma_map_sg",
+    "dma_unmap_sg",
+    "dma_sync_sg_for_cpu",
+    "dma_sync_sg_for_device",
+    "dma_sync_single_for_cpu",
+    "dma_sync_single_for_device",
+    "map_table",
+    "direction_value",
+    "DmaApiError",
+]

@@ -17,8 +17,9 @@ class ScatterlistError(Exception):
 
     default_errno = _errno.EINVAL
 
-    def __init__(self, message: str, *, errno: Optional[int] = None,
-                 reason: Optional["Reason"] = None) -> None:
+    def __init__(
+        self, message: str, *, errno: Optional[int] = None, reason: Optional["Reason"] = None
+    ) -> None:
         super().__init__(message)
         self.errno = self.default_errno if errno is None else errno
         self.reason = reason
@@ -74,9 +75,16 @@ class IommuFault(ScatterlistError, OSError):  # type: ignore[misc]  # errno is a
 
     default_errno = _errno.EFAULT
 
-    def __init__(self, message: str, *, errno: Optional[int] = None,
-                 reason: Optional["Reason"] = None, iova: int = 0, access: str = "read",
-                 fault_reason: str = "") -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        errno: Optional[int] = None,
+        reason: Optional["Reason"] = None,
+        iova: int = 0,
+        access: str = "read",
+        fault_reason: str = "",
+    ) -> None:
         super().__init__(message, errno=errno, reason=reason)
         self.iova = iova
         self.access = access
@@ -187,40 +195,39 @@ class ErrorDetail(NamedTuple):
 # Templates see element, value, limit and access (the access as a word).
 _MESSAGES = {
     Reason.ZERO_PAGES: "no pages: at least one page (or entry) is needed; for an empty "
-                       "page array the kernel builds a bogus entry from pages[0]",
+    "page array the kernel builds a bogus entry from pages[0]",
     Reason.MAX_SEGMENT: "max_segment={value} is below one page after rounding down to whole pages",
     Reason.OFFSET: "offset={value} is not inside the first page",
     Reason.SIZE: "size={value} does not end inside the last page",
     Reason.PFN_RANGE: "pfns[{element}]={value} is out of range: physical addresses must stay "
-                      "below 2**63",
+    "below 2**63",
     Reason.TABLE_FINAL: "the table is final: the last call had left_pages=0, so nothing can be "
-                        "appended (the kernel would follow the end mark into NULL)",
+    "appended (the kernel would follow the end mark into NULL)",
     Reason.APPEND_OFFSET: "offset={value} on an append: only the first call may carry an offset",
     Reason.MID_PAGE_REPEAT: "pfns[0]={value} repeats the page the previous call ended inside; "
-                            "the kernel would stretch that entry past the data it was given",
+    "the kernel would stretch that entry past the data it was given",
     Reason.MERGE_PARTIAL: "size={value} is not whole pages while pfns[0] continues the previous "
-                          "entry: merged pages always count whole, so the size would be ignored",
+    "entry: merged pages always count whole, so the size would be ignored",
     Reason.TOO_MANY_ENTRIES: "{value} more entries would take the table past 2**32-1 entries",
     Reason.NO_MEMORY: "the host is out of memory",
     Reason.PAGE_SIZE: "page_size={value} is not a power of two between 4096 and 65536",
     Reason.PAGE_SIZE_MISMATCH: "page sizes differ: the memory uses {value}-byte pages, the "
-                               "table {limit}-byte pages",
+    "table {limit}-byte pages",
     Reason.PHYS_RANGE: "physical address or pfn {value:#x} is outside the emulated memory",
     Reason.OUT_OF_PAGES: "cannot allocate {value} pages in the requested layout: not enough "
-                         "free memory",
+    "free memory",
     Reason.LAYOUT: "unknown page layout {value}",
     Reason.NOT_ALLOCATED: "pfns[{element}]={value} is not an allocated page",
     Reason.NENTS_FOR_LEN: "the list holds {limit} bytes, fewer than the requested {value}",
     Reason.MEMORY_SIZE: "size={value} is not a positive multiple of the page size "
-                        "(at most 2**46 bytes, 64 TiB)",
+    "(at most 2**46 bytes, 64 TiB)",
     Reason.DUPLICATE_PFN: "pfns[{element}]={value} is listed twice",
     Reason.TABLE_MAPPED: "the table is DMA-mapped: unmap it before changing, remapping or "
-                         "freeing it",
-    Reason.ENTRY_LENGTH: "entries[{element}] has length {value}: an entry holds 1 to 2**32-1 "
-                         "bytes",
+    "freeing it",
+    Reason.ENTRY_LENGTH: "entries[{element}] has length {value}: an entry holds 1 to 2**32-1 bytes",
     Reason.GRANULE: "granule={value} is not a power of two between 4096 and 65536",
     Reason.IOVA_START_PFN: "start_pfn={value}: an IOVA domain starts at pfn 1 or above, so IOVA 0 "
-                           "is never handed out",
+    "is never handed out",
     Reason.IOVA_SIZE: "an IOVA range of zero granules",
     Reason.IOVA_EXHAUSTED: "no free IOVA range of {value} granules fits under pfn {limit:#x}",
     Reason.IOVA_RANGE: "IOVA range {value:#x}..{limit:#x} is empty or reaches the top",
@@ -228,56 +235,51 @@ _MESSAGES = {
     Reason.IOVA_NOT_FOUND: "IOVA pfn {value:#x} is in no allocated range",
     Reason.IOVA_NOT_LIVE: "IOVA pfn {value:#x} is not a live range (reserved or already freed)",
     Reason.IOVA_NOT_START: "IOVA pfn {value:#x} is not the start of its range",
-    Reason.IOVA_SIZE_MISMATCH: "IOVA free with size {value} granules, not the allocated "
-                               "{limit}",
+    Reason.IOVA_SIZE_MISMATCH: "IOVA free with size {value} granules, not the allocated {limit}",
     Reason.IOVA_INCONSISTENT: "the IOVA allocator's bookkeeping is inconsistent at {value:#x}",
     Reason.APERTURE_BITS: "aperture_bits={value} is not between the granule's bits + 1 and 64",
-    Reason.IOMMU_ALIGN: "address or size {value:#x} is not a multiple of the IOMMU granule "
-                        "{limit}",
-    Reason.IOMMU_APERTURE: "IOVA {value:#x} is outside the IOMMU aperture (last IOVA "
-                           "{limit:#x})",
+    Reason.IOMMU_ALIGN: "address or size {value:#x} is not a multiple of the IOMMU granule {limit}",
+    Reason.IOMMU_APERTURE: "IOVA {value:#x} is outside the IOMMU aperture (last IOVA {limit:#x})",
     Reason.IOMMU_PHYS_RANGE: "physical range at {value:#x} wraps past 2**64",
     Reason.IOMMU_PROT: "prot={value:#x} has unknown permission bits",
     Reason.IOMMU_MAPPED: "IOVA {value:#x} is already mapped",
     Reason.IOMMU_ACCESS: "access {value} is neither read nor write",
     Reason.IOMMU_FAULT_NOT_MAPPED: "IOMMU fault: device {access} at IOVA {value:#x}: not mapped",
     Reason.IOMMU_FAULT_PERMISSION: "IOMMU fault: device {access} at IOVA {value:#x}: the "
-                                   "mapping does not permit it",
+    "mapping does not permit it",
     Reason.IOMMU_FAULT_APERTURE: "IOMMU fault: device {access} at IOVA {value:#x}: outside "
-                                 "the aperture",
+    "the aperture",
     Reason.IOMMU_RUNS_CAPACITY: "the translated range needs more than {limit} physically "
-                                "contiguous runs (stopped at IOVA {value:#x})",
+    "contiguous runs (stopped at IOVA {value:#x})",
     Reason.DMA_DIRECTION: "direction={value} is not BIDIRECTIONAL, TO_DEVICE or FROM_DEVICE "
-                          "(DMA_NONE is for debugging only; the kernel BUGs on it)",
+    "(DMA_NONE is for debugging only; the kernel BUGs on it)",
     Reason.DEVICE_UNBOUND: "the device is not bound: no new DMA mappings (-ENODEV)",
     Reason.TABLE_NOT_FINAL: "the table is still open for appends (left_pages > 0): finish "
-                            "it before mapping",
+    "it before mapping",
     Reason.TABLE_FREED: "the table's entries were freed",
     Reason.NOT_MAPPED: "the table is not DMA-mapped",
     Reason.WRONG_DEVICE: "the table is mapped for another device",
     Reason.DMA_MASK: "entry {element} at physical address {value:#x} is above the device's "
-                     "dma_mask {limit:#x}: direct mapping cannot reach it (-EIO)",
+    "dma_mask {limit:#x}: direct mapping cannot reach it (-EIO)",
     Reason.IOVA_SPACE: "no IOVA block of {value} bytes under {limit:#x}, the device's dma_mask "
-                       "within the aperture (-ENOMEM)",
-    Reason.GRANULE_PAGE: "the IOMMU granule {value} is larger than the memory's page size "
-                         "{limit}",
+    "within the aperture (-ENOMEM)",
+    Reason.GRANULE_PAGE: "the IOMMU granule {value} is larger than the memory's page size {limit}",
     Reason.DMA_ACCESS_MASK: "device {access} at {value:#x}: above the device's dma_mask "
-                            "{limit:#x}, an address the device cannot emit",
-    Reason.DMA_ACCESS_MEMORY: "device {access} at physical {value:#x}: outside the emulated "
-                              "memory",
+    "{limit:#x}, an address the device cannot emit",
+    Reason.DMA_ACCESS_MEMORY: "device {access} at physical {value:#x}: outside the emulated memory",
     Reason.DMA_LENGTH: "the table's DMA segments hold {limit} bytes, fewer than the {value} "
-                       "requested",
+    "requested",
     Reason.FOREIGN: "objects from different memories or IOMMUs cannot be mixed",
     Reason.NENTS_RANGE: "nents={value} is not between 1 and the table's {limit} entries",
     Reason.INJECTED: "injected failure (fault injection on the device, errno {value})",
     Reason.DMA_SEGMENT_LENGTH: "entry {element} would make a DMA segment of {value} bytes: a "
-                               "DMA length holds at most 2**32-1 bytes (the kernel's 32-bit "
-                               "length would wrap)",
+    "DMA length holds at most 2**32-1 bytes (the kernel's 32-bit "
+    "length would wrap)",
     Reason.DEVICE_DMA_MASK: "dma_mask={value:#x} must be 2**n - 1 and at least {limit:#x} "
-                            "(one page)",
+    "(one page)",
     Reason.DEVICE_MAX_SEGMENT: "max_segment_size={value} must be between 1 and 2**32-1 bytes",
     Reason.DEVICE_SEG_BOUNDARY: "seg_boundary_mask={value:#x} must be 2**n - 1 and at least "
-                                "{limit:#x} (one page)",
+    "{limit:#x} (one page)",
     Reason.INJECT_ERRNO: "errno_value={value} is not ENOMEM, EINVAL or EIO",
     Reason.INJECT_PPM: "a failure rate of {value} per million is above {limit}",
 }
@@ -311,12 +313,24 @@ def message_for(detail: ErrorDetail, err: int = 0) -> str:
     template = _MESSAGES.get(detail.reason)
     if template is None:
         return f"failed with {_errno.errorcode.get(err, str(err))}"
-    return template.format(element=detail.element, value=detail.value, limit=detail.limit,
-                           access=ACCESS_NAMES.get(detail.access, str(detail.access)))
+    return template.format(
+        element=detail.element,
+        value=detail.value,
+        limit=detail.limit,
+        access=ACCESS_NAMES.get(detail.access, str(detail.access)),
+    )
 
 
-def error_for(err: int, reason: int, *, element: int = 0, value: int = 0, limit: int = 0,
-              access: int = 0, where: str = "") -> ScatterlistError:
+def error_for(
+    err: int,
+    reason: int,
+    *,
+    element: int = 0,
+    value: int = 0,
+    limit: int = 0,
+    access: int = 0,
+    where: str = "",
+) -> ScatterlistError:
     """The exception for a failed call: ``err`` is a positive errno, ``reason`` a Reason code,
     the other fields as in :class:`ErrorDetail`.  ``where`` names the public call and prefixes
     the message."""
@@ -329,9 +343,14 @@ def error_for(err: int, reason: int, *, element: int = 0, value: int = 0, limit:
     if where:
         text = f"{where}: {text}"
     if why in _FAULT_REASONS:
-        exc: ScatterlistError = IommuFault(text, errno=err, reason=why, iova=value,
-                                           access=ACCESS_NAMES.get(access, str(access)),
-                                           fault_reason=_FAULT_REASONS[why])
+        exc: ScatterlistError = IommuFault(
+            text,
+            errno=err,
+            reason=why,
+            iova=value,
+            access=ACCESS_NAMES.get(access, str(access)),
+            fault_reason=_FAULT_REASONS[why],
+        )
     elif why is Reason.NO_MEMORY:
         exc = OutOfMemory(text, errno=err, reason=why)
     else:

@@ -35,8 +35,11 @@ def exhaust_iova(iommu: Iommu, limit: Optional[int] = None) -> Iterator[int]:
     ``OutOfMemory`` (the kernel's -ENOMEM).  Everything is given back on exit.  The IOMMU
     cannot be closed inside the block (``BusyError``)."""
     _require_iommu(iommu)
-    last = ((1 << iommu.aperture_bits) - 1 if limit is None
-            else require_range("limit", limit, 0, U64_MAX))
+    last = (
+        (1 << iommu.aperture_bits) - 1
+        if limit is None
+        else require_range("limit", limit, 0, U64_MAX)
+    )
     engine = iommu._engine
     life = iommu._life
     limit_pfn = last >> (iommu.granule.bit_length() - 1)
@@ -95,8 +98,9 @@ def restrict_permissions(iommu: Iommu, iova: int, size_bytes: int, prot: int) ->
         iommu.map(page, phys, granule, prot)
         changed += 1
     if changed == 0:
-        raise InvalidArgument(f"restrict_permissions: nothing is mapped in [{iova:#x}, "
-                              f"{iova + size_bytes:#x})")
+        raise InvalidArgument(
+            f"restrict_permissions: nothing is mapped in [{iova:#x}, {iova + size_bytes:#x})"
+        )
     return changed
 
 

@@ -1,5 +1,4 @@
-"""The emulated IOMMU: a page table from IOVAs to physical pages, an IOVA allocator, a fault log.
-"""
+"""The emulated IOMMU: a page table from IOVAs to physical pages, an IOVA allocator, a fault log."""
 
 from __future__ import annotations
 
@@ -18,17 +17,17 @@ _STATE_NAMES = {0: "live", 1: "reserved", 2: "cached"}
 class FaultRecord(NamedTuple):
     """One entry of the IOMMU's fault log."""
 
-    seq: int      #: numbering that keeps counting across clears and log wrap-around
-    iova: int     #: first byte of the access that faulted
-    access: str   #: "read" or "write" (the device reading or writing memory)
-    reason: str   #: "not mapped", "no permission" or "outside the aperture"
-    prot: int     #: the page's permission bits for "no permission", else 0
+    seq: int  #: numbering that keeps counting across clears and log wrap-around
+    iova: int  #: first byte of the access that faulted
+    access: str  #: "read" or "write" (the device reading or writing memory)
+    reason: str  #: "not mapped", "no permission" or "outside the aperture"
+    prot: int  #: the page's permission bits for "no permission", else 0
 
 
 class IovaRange(NamedTuple):
-    start: int       #: IOVA of the first byte
+    start: int  #: IOVA of the first byte
     size_bytes: int
-    state: str       #: "live", "reserved" or "cached" (freed but kept for reuse)
+    state: str  #: "live", "reserved" or "cached" (freed but kept for reuse)
 
 
 def access_code(access: str) -> int:
@@ -47,16 +46,17 @@ class Iommu:
     :meth:`map` and :meth:`unmap` work on the page table directly, e.g. to inject faults.
     """
 
-    def __init__(self, memory: PhysicalMemory, granule: int = 4096, *,
-                 aperture_bits: int = 48) -> None:
+    def __init__(
+        self, memory: PhysicalMemory, granule: int = 4096, *, aperture_bits: int = 48
+    ) -> None:
         if not isinstance(memory, PhysicalMemory):
             raise TypeError(f"memory must be a PhysicalMemory, not {type(memory).__name__}")
         granule = require_range("granule", granule, 0, U32_MAX, Reason.GRANULE)
         if granule > memory.page_size:
-            raise InvalidArgument(f"granule={granule} is larger than the memory's page size "
-                                  f"{memory.page_size}")
-        aperture_bits = require_range("aperture_bits", aperture_bits, 0, 64,
-                                      Reason.APERTURE_BITS)
+            raise InvalidArgument(
+                f"granule={granule} is larger than the memory's page size {memory.page_size}"
+            )
+        aperture_bits = require_range("aperture_bits", aperture_bits, 0, 64, Reason.APERTURE_BITS)
         engine = memory._engine
         memory_life = memory._life
         with memory_life:
@@ -110,8 +110,9 @@ class Iommu:
             return int(self._engine.iommu_info(handle)[1])
 
     # -- page table ---------------------------------------------------------------------
-    def map(self, iova: int, phys: int, size_bytes: int,
-            prot: int = IOMMU_READ | IOMMU_WRITE) -> None:
+    def map(
+        self, iova: int, phys: int, size_bytes: int, prot: int = IOMMU_READ | IOMMU_WRITE
+    ) -> None:
         """Map ``size_bytes`` at ``iova`` to ``phys`` (all granule-aligned), all or nothing."""
         iova = require_range("iova", iova, 0, U64_MAX)
         phys = require_range("phys", phys, 0, U64_MAX)
@@ -146,39 +147,54 @@ class Iommu:
         """The logged faults, oldest first."""
         with self._life as handle:
             records = self._engine.iommu_faults(handle)
-        return [FaultRecord(seq, iova, ACCESS_NAMES.get(access, str(access)),
-                            _FAULT_REASON_NAMES.get(reason, str(reason)), prot)
-                for seq, iova, access, reason, prot in records]
+        return [
+            FaultRecord(
+                seq,
+                iova,
+                ACCESS_NAMES.get(access, str(access)),
+                _FAULT_REASON_NAMES.get(reason, str(reason)),
+                prot,
+            )
+            for seq, iova, access, reason, prot in records
+        ]
 
     def clear_faults(self) -> None:
         with self._life as handle:
             self._engine.iommu_clear_faults(handle)
 
     # -- IOVA space ---------------------------------------------------------------------
-    def iova_ranges(self, *, live: bool = True, cached: bool = False,
-                    reserved: bool = False) -> List[IovaRange]:
+    def iova_ranges(
+        self, *, live: bool = True, cached: bool = False, reserved: bool = False
+    ) -> List[IovaRange]:
         """Allocated IOVA ranges, ascending: live ones (mapped blocks), and on request the
         freed ones the range cache keeps and the reserved ones."""
         mask = (1 if live else 0) | (2 if reserved else 0) | (4 if cached else 0)
         with self._life as handle:
             ranges = self._engine.iommu_iova_ranges(handle, mask)
-        return [IovaRange(lo * self._granule, (hi - lo + 1) * self._granule,
-                          _STATE_NAMES.get(state, str(state)))
-                for lo, hi, state in ranges]
+        return [
+            IovaRange(
+                lo * self._granule,
+                (hi - lo + 1) * self._granule,
+                _STATE_NAMES.get(state, str(state)),
+            )
+            for lo, hi, state in ranges
+        ]
 
     def reserve_iova(self, start: int, size_bytes: int) -> None:
         """Keep ``[start, start + size_bytes)`` out of DMA mappings (a PCI window, say)."""
         start = require_range("start", start, 0, U64_MAX)
         size_bytes = require_range("size_bytes", size_bytes, 1, U64_MAX)
         if start + size_bytes > 1 << 64:
-            raise InvalidArgument(f"start={start:#x} + size_bytes={size_bytes:#x} runs past "
-                                  f"2**64")
+            raise InvalidArgument(f"start={start:#x} + size_bytes={size_bytes:#x} runs past 2**64")
         if start % self._granule or size_bytes % self._granule:
-            raise InvalidArgument(f"start={start:#x} and size_bytes={size_bytes:#x} must be "
-                                  f"multiples of the granule {self._granule}")
+            raise InvalidArgument(
+                f"start={start:#x} and size_bytes={size_bytes:#x} must be "
+                f"multiples of the granule {self._granule}"
+            )
         with self._life as handle:
-            self._engine.iommu_reserve(handle, start // self._granule,
-                                       (start + size_bytes) // self._granule - 1)
+            self._engine.iommu_reserve(
+                handle, start // self._granule, (start + size_bytes) // self._granule - 1
+            )
 
     # -- lifetime -----------------------------------------------------------------------
     def close(self) -> None:
@@ -197,5 +213,7 @@ class Iommu:
             mapped = self.mapped_pages
         except ClosedError:
             return "<Iommu closed>"
-        return (f"<Iommu granule={self._granule} aperture={self._aperture_bits} bits, "
-                f"{mapped} pages mapped, engine={self.engine}>")
+        return (
+            f"<Iommu granule={self._granule} aperture={self._aperture_bits} bits, "
+            f"{mapped} pages mapped, engine={self.engine}>"
+        )

@@ -23,8 +23,9 @@ class PhysicalMemory:
     it waits for calls in flight on other threads.
     """
 
-    def __init__(self, size: int, page_size: int = PAGE_SIZE, *,
-                 engine: Optional[str] = None) -> None:
+    def __init__(
+        self, size: int, page_size: int = PAGE_SIZE, *, engine: Optional[str] = None
+    ) -> None:
         eng: Engine = get_engine(engine)
         size_bytes = require_range("size", size, 0, U64_MAX, Reason.MEMORY_SIZE)
         page_size = require_range("page_size", page_size, 0, U32_MAX, Reason.PAGE_SIZE)
@@ -32,8 +33,9 @@ class PhysicalMemory:
         self._engine = eng
         self._page_size = page_size
         self._size_bytes = size_bytes
-        self._life = Lifetime("PhysicalMemory", handle,
-                              lambda handle, by_owner: eng.memory_destroy(handle))
+        self._life = Lifetime(
+            "PhysicalMemory", handle, lambda handle, by_owner: eng.memory_destroy(handle)
+        )
         self._finalizer = weakref.finalize(self, self._life.release)
 
     # -- state --------------------------------------------------------------------------
@@ -72,8 +74,7 @@ class PhysicalMemory:
             return int(self._engine.memory_info(handle)[2])
 
     # -- pages --------------------------------------------------------------------------
-    def alloc_pages(self, n_pages: int, layout: str = "scattered", *, seed: int = 0
-                    ) -> "Pages":
+    def alloc_pages(self, n_pages: int, layout: str = "scattered", *, seed: int = 0) -> "Pages":
         """Allocate ``n_pages`` pages; all of them or none (``OutOfMemory``).
 
         ``layout``: ``"contiguous"`` (one run of consecutive pfns), ``"scattered"`` (no two
@@ -167,8 +168,7 @@ class Pages:
         raise TypeError("Pages objects come from PhysicalMemory.alloc_pages or vmalloc")
 
     @classmethod
-    def _allocated(cls, memory: PhysicalMemory, pfns: "array[int]", size_bytes: int
-                   ) -> "Pages":
+    def _allocated(cls, memory: PhysicalMemory, pfns: "array[int]", size_bytes: int) -> "Pages":
         """Pages just allocated by a call on ``memory`` (which they pin)."""
         self = object.__new__(cls)
         memory._life.pin("Pages")

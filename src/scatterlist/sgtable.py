@@ -94,8 +94,11 @@ class SGTable(Generic[S]):
         raise TypeError("SGTable objects come from SGTable.new, borrow() or from_raw()")
 
     @classmethod
-    def _make(cls, raw: RawTable, borrowed_from: Union["SGTable[Any]", RawTable, None] = None,
-              ) -> "SGTable[Any]":
+    def _make(
+        cls,
+        raw: RawTable,
+        borrowed_from: Union["SGTable[Any]", RawTable, None] = None,
+    ) -> "SGTable[Any]":
         self: SGTable[Any] = object.__new__(cls)
         self._raw = raw
         self._borrowed_from = borrowed_from
@@ -133,10 +136,15 @@ class SGTable(Generic[S]):
             by_mapping = limits.max_mapping_size or MAX_SEGMENT_UNLIMITED
             limit = min(by_mapping, limits.max_segment_size, MAX_SEGMENT_UNLIMITED)
             if limit < page_size:
-                name = ("max_segment_size" if limits.max_segment_size <= by_mapping
-                        else "max_mapping_size")
-                raise InvalidArgument(f"SGTable.new: the device's {name}={limit} is below one "
-                                      f"page ({page_size} bytes): no table entry can fit it")
+                name = (
+                    "max_segment_size"
+                    if limits.max_segment_size <= by_mapping
+                    else "max_mapping_size"
+                )
+                raise InvalidArgument(
+                    f"SGTable.new: the device's {name}={limit} is below one "
+                    f"page ({page_size} bytes): no table entry can fit it"
+                )
             # The pages' own array: private, so no other thread can change it under C.
             raw = build_table(engine, memoryview(pfns), 0, pages.size, limit, page_size, 0)
             raw._state.owner = "SGTable"
@@ -156,8 +164,7 @@ class SGTable(Generic[S]):
             table._device = dev
             table._direction = DataDirection(dir_value)
             table._mapping = mapping
-            table._life = Lifetime("SGTable", None,
-                                   _OwnedTeardown(mapping, raw._life, pages._life))
+            table._life = Lifetime("SGTable", None, _OwnedTeardown(mapping, raw._life, pages._life))
             table._finalizer = weakref.finalize(table, table._life.release)
             pages._give_to(table)
         return table
@@ -174,8 +181,9 @@ class SGTable(Generic[S]):
         try:
             address = get_engine("native").table_address(raw)
         except Exception:
-            raise TypeError(f"from_raw needs a RawTable or a native table pointer, not "
-                            f"{type(raw).__name__}") from None
+            raise TypeError(
+                f"from_raw needs a RawTable or a native table pointer, not {type(raw).__name__}"
+            ) from None
         found = _live_tables.get(address)
         if found is None or found.closed:
             raise InvalidArgument(f"from_raw: {raw!r} is not a live scatterlist table")
@@ -203,8 +211,7 @@ class SGTable(Generic[S]):
         with root._life:
             yield root._raw, True
 
-    def _call(self, read: Callable[[RawTable, Optional[Callable[[TableState], None]]], Any]
-              ) -> Any:
+    def _call(self, read: Callable[[RawTable, Optional[Callable[[TableState], None]]], Any]) -> Any:
         with self._entered_table() as (raw, revocable):
             return read(raw, _require_live_mapping if revocable else None)
 
@@ -243,8 +250,9 @@ class SGTable(Generic[S]):
     def _owner_only(self) -> Lifetime:
         """Owned-only members on a borrowed view: a clear error, not an assertion."""
         if self._life is None:
-            raise InvalidArgument("this is for the owning SGTable; a borrowed view only "
-                                  "iterates the DMA segments")
+            raise InvalidArgument(
+                "this is for the owning SGTable; a borrowed view only iterates the DMA segments"
+            )
         return self._life
 
     @property
@@ -283,8 +291,9 @@ class SGTable(Generic[S]):
             assert self._device is not None
             return self._raw.copy_from_buffer(self._device.memory, view, skip)
 
-    def copy_to_buffer(self: "SGTable[Owned[Any]]", n_bytes: Optional[int] = None,
-                       skip: int = 0) -> bytes:
+    def copy_to_buffer(
+        self: "SGTable[Owned[Any]]", n_bytes: Optional[int] = None, skip: int = 0
+    ) -> bytes:
         """The CPU reads the table's data (``sg_pcopy_to_buffer``)."""
         skip = require_range("skip", skip, 0, U64_MAX)
         wanted = None if n_bytes is None else require_range("n_bytes", n_bytes, 0, U64_MAX)
@@ -316,8 +325,9 @@ class SGTable(Generic[S]):
         drop order.  Idempotent, also when threads race on it; waits for calls in flight on
         the table."""
         if self._life is None:
-            raise InvalidArgument("close() is for the owner; a borrowed view has nothing "
-                                  "to release")
+            raise InvalidArgument(
+                "close() is for the owner; a borrowed view has nothing to release"
+            )
         self._life.close()
 
     def __enter__(self: "SGTable[Owned[P]]") -> "SGTable[Owned[P]]":

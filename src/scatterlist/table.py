@@ -32,8 +32,9 @@ class TableAttachment(Protocol):
     @property
     def device_name(self) -> str: ...
 
-    def end(self, table_handle: Any, *, revoked: bool = False,
-            leaked: Optional[str] = None) -> Optional[Callable[[], None]]:
+    def end(
+        self, table_handle: Any, *, revoked: bool = False, leaked: Optional[str] = None
+    ) -> Optional[Callable[[], None]]:
         """Unmap, exactly once (the caller holds the table's mutex).  ``leaked`` names the
         owner dropped without closing, if it was; the result, if any, reports that leak and
         is called once the teardown is done."""
@@ -45,8 +46,16 @@ class TableState:
     and iterators check, and the DMA mapping attached to it.  ``epoch`` and ``mapping`` change
     only under the table's mutex."""
 
-    __slots__ = ("engine", "page_size", "epoch", "last_change", "mapping", "life", "owner",
-                 "__weakref__")
+    __slots__ = (
+        "engine",
+        "page_size",
+        "epoch",
+        "last_change",
+        "mapping",
+        "life",
+        "owner",
+        "__weakref__",
+    )
 
     def __init__(self, engine: Engine, page_size: int, handle: Any) -> None:
         self.engine = engine
@@ -87,11 +96,28 @@ class SGEntry:
     ``dma_len`` (bytes).  After DMA mapping, DMA entry *i* does not describe CPU entry *i*.
     Reading any field after the table was closed or changed raises ``ClosedError``."""
 
-    __slots__ = ("_table", "_epoch", "_index", "_pfn", "_offset", "_length",
-                 "_dma_address", "_dma_len")
+    __slots__ = (
+        "_table",
+        "_epoch",
+        "_index",
+        "_pfn",
+        "_offset",
+        "_length",
+        "_dma_address",
+        "_dma_len",
+    )
 
-    def __init__(self, table: "RawTable", epoch: int, index: int, pfn: int, offset: int,
-                 length: int, dma_address: int, dma_len: int) -> None:
+    def __init__(
+        self,
+        table: "RawTable",
+        epoch: int,
+        index: int,
+        pfn: int,
+        offset: int,
+        length: int,
+        dma_address: int,
+        dma_len: int,
+    ) -> None:
         if not isinstance(table, RawTable):
             raise TypeError("SGEntry objects come from a table")
         self._table = table
@@ -146,9 +172,11 @@ class SGEntry:
         return self._dma_len
 
     def __repr__(self) -> str:
-        return (f"SGEntry(index={self._index}, pfn={self._pfn}, offset={self._offset}, "
-                f"length={self._length}, dma_address={self._dma_address:#x}, "
-                f"dma_len={self._dma_len})")
+        return (
+            f"SGEntry(index={self._index}, pfn={self._pfn}, offset={self._offset}, "
+            f"length={self._length}, dma_address={self._dma_address:#x}, "
+            f"dma_len={self._dma_len})"
+        )
 
 
 class RawTable:
@@ -161,8 +189,9 @@ class RawTable:
     """
 
     def __init__(self, *args: object, **kwargs: object) -> None:
-        raise TypeError("RawTable objects come from alloc_table_from_pages or "
-                        "alloc_table_from_entries")
+        raise TypeError(
+            "RawTable objects come from alloc_table_from_pages or alloc_table_from_entries"
+        )
 
     @classmethod
     def _wrap(cls, engine: Engine, handle: Any, page_size: int) -> "RawTable":
@@ -187,8 +216,9 @@ class RawTable:
         if self._life.closed:
             raise ClosedError(f"{what} used after its table was closed")
         if epoch != self._state.epoch:
-            raise ClosedError(f"{what} is stale: its table changed since it was read "
-                              f"({self._state.last_change})")
+            raise ClosedError(
+                f"{what} is stale: its table changed since it was read ({self._state.last_change})"
+            )
 
     # -- counters -----------------------------------------------------------------------
     @property
@@ -238,8 +268,7 @@ class RawTable:
         return self.orig_nents
 
     # -- building -----------------------------------------------------------------------
-    def append_pages(self, pfns: PfnsLike, size: Optional[int] = None,
-                     left_pages: int = 0) -> None:
+    def append_pages(self, pfns: PfnsLike, size: Optional[int] = None, left_pages: int = 0) -> None:
         """``sg_alloc_append_table_from_pages``: add pages, merging into the last entry where
         the pfns continue it.  ``size`` (bytes, default all of the pages) must end inside the
         last page; ``left_pages`` says how many pages later calls will add (0: final)."""
@@ -268,24 +297,25 @@ class RawTable:
     def export_cpu(self) -> "array[int]":
         """All CPU entries in one call: ``array('Q')`` of (pfn, offset, length) rows."""
         with self._life as handle:
-            return self._engine.table_export_cpu(handle,
-                                                 self._engine.table_counts(handle).orig_nents)
+            return self._engine.table_export_cpu(
+                handle, self._engine.table_counts(handle).orig_nents
+            )
 
     def export_dma(self, n_entries: Optional[int] = None) -> "array[int]":
         """(dma_address, dma_len) rows of the first ``n_entries`` entries (default
         ``nents``)."""
-        wanted = None if n_entries is None else require_range("n_entries", n_entries, 0,
-                                                              U32_MAX)
+        wanted = None if n_entries is None else require_range("n_entries", n_entries, 0, U32_MAX)
         with self._life as handle:
             counts = self._engine.table_counts(handle)
             if wanted is not None and wanted > counts.orig_nents:
-                raise InvalidArgument(f"n_entries={wanted} is out of range "
-                                      f"[0, {counts.orig_nents}]")
-            return self._engine.table_export_dma(handle,
-                                                 counts.nents if wanted is None else wanted)
+                raise InvalidArgument(
+                    f"n_entries={wanted} is out of range [0, {counts.orig_nents}]"
+                )
+            return self._engine.table_export_dma(handle, counts.nents if wanted is None else wanted)
 
-    def _read_entries(self, dma_view: bool,
-                      check: Optional[Callable[[TableState], None]] = None) -> List[SGEntry]:
+    def _read_entries(
+        self, dma_view: bool, check: Optional[Callable[[TableState], None]] = None
+    ) -> List[SGEntry]:
         """The CPU entries (``orig_nents``) or the DMA view (``nents``), read in one call;
         ``check`` runs first, under the table's mutex."""
         with self._life as handle:
@@ -296,8 +326,19 @@ class RawTable:
             cpu = self._engine.table_export_cpu(handle, count)
             dma = self._engine.table_export_dma(handle, count)
             epoch = self._state.epoch
-        return [SGEntry(self, epoch, i, cpu[3 * i], cpu[3 * i + 1], cpu[3 * i + 2],
-                        dma[2 * i], dma[2 * i + 1]) for i in range(count)]
+        return [
+            SGEntry(
+                self,
+                epoch,
+                i,
+                cpu[3 * i],
+                cpu[3 * i + 1],
+                cpu[3 * i + 2],
+                dma[2 * i],
+                dma[2 * i + 1],
+            )
+            for i in range(count)
+        ]
 
     def entries(self) -> List[SGEntry]:
         """The ``orig_nents`` CPU entries (``for_each_sgtable_sg``)."""
@@ -343,11 +384,14 @@ class RawTable:
         if not isinstance(memory, PhysicalMemory):
             raise TypeError(f"memory must be a PhysicalMemory, not {type(memory).__name__}")
         if memory.engine != self._engine.name:
-            raise InvalidArgument(f"memory belongs to the {memory.engine} engine, the table to "
-                                  f"the {self._engine.name} engine")
+            raise InvalidArgument(
+                f"memory belongs to the {memory.engine} engine, the table to "
+                f"the {self._engine.name} engine"
+            )
 
-    def copy_to_buffer(self, memory: PhysicalMemory, n_bytes: Optional[int] = None,
-                       skip: int = 0) -> bytes:
+    def copy_to_buffer(
+        self, memory: PhysicalMemory, n_bytes: Optional[int] = None, skip: int = 0
+    ) -> bytes:
         """``sg_pcopy_to_buffer``: up to ``n_bytes`` (default: all) of the table's data,
         starting ``skip`` bytes in, read from ``memory``.  Short if the table ends first."""
         self._check_memory(memory)
@@ -375,8 +419,10 @@ class RawTable:
     def _refuse_if_mapped(self, handle: Any) -> None:
         mapping = self._state.mapping
         if mapping is not None and mapping.live:
-            raise BusyError("RawTable.close: the table is DMA-mapped for device "
-                            f"{mapping.device_name!r}; dma_unmap_sgtable it first")
+            raise BusyError(
+                "RawTable.close: the table is DMA-mapped for device "
+                f"{mapping.device_name!r}; dma_unmap_sgtable it first"
+            )
 
     def close(self) -> None:
         """Free the entries (the kernel's ``sg_free_table``) and the table.  Idempotent;
@@ -396,12 +442,15 @@ class RawTable:
             nents, orig_nents, _, final = self.counts()
         except ClosedError:
             return "<RawTable closed>"
-        return (f"<RawTable nents={nents} orig_nents={orig_nents} "
-                f"{'final' if final else 'open for appends'}, engine={self.engine}>")
+        return (
+            f"<RawTable nents={nents} orig_nents={orig_nents} "
+            f"{'final' if final else 'open for appends'}, engine={self.engine}>"
+        )
 
 
-def _size_and_left(view: memoryview, offset: int, size: Optional[int], left_pages: int,
-                   page_size: int) -> "tuple[int, int]":
+def _size_and_left(
+    view: memoryview, offset: int, size: Optional[int], left_pages: int, page_size: int
+) -> "tuple[int, int]":
     if size is None:
         size_bytes = max(len(view) * page_size - offset, 0)
     else:
@@ -411,8 +460,15 @@ def _size_and_left(view: memoryview, offset: int, size: Optional[int], left_page
     return size_bytes, left
 
 
-def build_table(engine: Engine, pfns: memoryview, offset: int, size_bytes: int,
-                max_segment_bytes: int, page_size: int, left_pages: int) -> RawTable:
+def build_table(
+    engine: Engine,
+    pfns: memoryview,
+    offset: int,
+    size_bytes: int,
+    max_segment_bytes: int,
+    page_size: int,
+    left_pages: int,
+) -> RawTable:
     """A table from converted arguments (``pfns`` a view no other thread can change)."""
     handle = engine.table_create(page_size, max_segment_bytes)
     try:
@@ -423,9 +479,16 @@ def build_table(engine: Engine, pfns: memoryview, offset: int, size_bytes: int,
     return RawTable._wrap(engine, handle, page_size)
 
 
-def alloc_table_from_pages(pfns: PfnsLike, offset: int = 0, size: Optional[int] = None,
-                           max_segment: Optional[int] = None, page_size: int = PAGE_SIZE,
-                           left_pages: int = 0, *, engine: Optional[str] = None) -> RawTable:
+def alloc_table_from_pages(
+    pfns: PfnsLike,
+    offset: int = 0,
+    size: Optional[int] = None,
+    max_segment: Optional[int] = None,
+    page_size: int = PAGE_SIZE,
+    left_pages: int = 0,
+    *,
+    engine: Optional[str] = None,
+) -> RawTable:
     """Build a table from page frame numbers: ``sg_alloc_table_from_pages_segment`` (or, with
     ``left_pages > 0``, the first ``sg_alloc_append_table_from_pages`` call).
 
@@ -443,17 +506,20 @@ def alloc_table_from_pages(pfns: PfnsLike, offset: int = 0, size: Optional[int] 
     entry carries ``offset``; ``size`` clips the last entry."""
     eng = get_engine(engine)
     page_size = require_range("page_size", page_size, 0, U32_MAX, Reason.PAGE_SIZE)
-    max_segment_bytes = (MAX_SEGMENT_UNLIMITED if max_segment is None else
-                         require_range("max_segment", max_segment, 0, MAX_SEGMENT_UNLIMITED,
-                                       Reason.MAX_SEGMENT))
+    max_segment_bytes = (
+        MAX_SEGMENT_UNLIMITED
+        if max_segment is None
+        else require_range("max_segment", max_segment, 0, MAX_SEGMENT_UNLIMITED, Reason.MAX_SEGMENT)
+    )
     offset = require_range("offset", offset, 0, U32_MAX, Reason.OFFSET)
     view = as_pfn_view(pfns)
     size_bytes, left = _size_and_left(view, offset, size, left_pages, page_size)
     return build_table(eng, view, offset, size_bytes, max_segment_bytes, page_size, left)
 
 
-def alloc_table_from_entries(entries: Any, page_size: int = PAGE_SIZE, *,
-                             engine: Optional[str] = None) -> RawTable:
+def alloc_table_from_entries(
+    entries: Any, page_size: int = PAGE_SIZE, *, engine: Optional[str] = None
+) -> RawTable:
     """Build a table entry by entry, as drivers do with ``sg_alloc_table`` and one
     ``sg_set_page`` per entry: ``entries`` is a sequence of ``(pfn, offset, length)`` (bytes;
     ``offset`` may exceed a page, ``length`` is 1 to 2**32-1), or a flat buffer of such
@@ -461,21 +527,24 @@ def alloc_table_from_entries(entries: Any, page_size: int = PAGE_SIZE, *,
     eng = get_engine(engine)
     page_size = require_range("page_size", page_size, 0, U32_MAX, Reason.PAGE_SIZE)
     if isinstance(entries, (str, bytes, bytearray)):
-        raise TypeError(f"entries must be (pfn, offset, length) triples, not "
-                        f"{type(entries).__name__}")
+        raise TypeError(
+            f"entries must be (pfn, offset, length) triples, not {type(entries).__name__}"
+        )
     try:
         rows = as_pfn_view(entries, "entries")
     except TypeError:
         flat = []
         for index, row in enumerate(entries):
             if len(row) != 3:
-                raise InvalidArgument(f"entries[{index}] is not a (pfn, offset, length) "
-                                      f"triple") from None
+                raise InvalidArgument(
+                    f"entries[{index}] is not a (pfn, offset, length) triple"
+                ) from None
             flat.extend(row)
         rows = as_pfn_view(flat, "entries")
     if len(rows) % 3:
-        raise InvalidArgument(f"entries holds {len(rows)} numbers, not whole "
-                              f"(pfn, offset, length) triples")
+        raise InvalidArgument(
+            f"entries holds {len(rows)} numbers, not whole (pfn, offset, length) triples"
+        )
     handle = eng.table_create(page_size, MAX_SEGMENT_UNLIMITED)
     try:
         eng.table_set_entries(handle, rows)
@@ -485,5 +554,12 @@ def alloc_table_from_entries(entries: Any, page_size: int = PAGE_SIZE, *,
     return RawTable._wrap(eng, handle, page_size)
 
 
-__all__ = ["RawTable", "SGEntry", "TableAttachment", "TableState", "alloc_table_from_pages",
-           "alloc_table_from_entries", "build_table"]
+__all__ = [
+    "RawTable",
+    "SGEntry",
+    "TableAttachment",
+    "TableState",
+    "alloc_table_from_pages",
+    "alloc_table_from_entries",
+    "build_table",
+]

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 
-WORKLOAD = r'''
+WORKLOAD = r"""
 import gc, errno
 import scatterlist as sg
 from scatterlist import DataDirection as Dir, faults
@@ -86,7 +86,7 @@ t.close(); dev.close(); direct.close(); iommu.close(); mem.close()
 from scatterlist._engine import get_engine
 get_engine("native").drain_chunk_cache()
 print("workload done")
-'''
+"""
 
 
 def main() -> int:
@@ -101,10 +101,22 @@ def main() -> int:
             handle.write(WORKLOAD)
         env = dict(os.environ, PYTHONMALLOC="malloc", SCATTERLIST_ENGINE="native")
         result = subprocess.run(
-            [valgrind, "--tool=memcheck", "--leak-check=full", "--show-leak-kinds=definite",
-             "--keep-debuginfo=yes",
-             "--num-callers=30", f"--log-file={log}", sys.executable, script],
-            env=env, capture_output=True, text=True, timeout=1800)
+            [
+                valgrind,
+                "--tool=memcheck",
+                "--leak-check=full",
+                "--show-leak-kinds=definite",
+                "--keep-debuginfo=yes",
+                "--num-callers=30",
+                f"--log-file={log}",
+                sys.executable,
+                script,
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=1800,
+        )
         report = open(log).read()
     print(result.stdout.strip())
     if result.returncode != 0 or "workload done" not in result.stdout:
@@ -114,15 +126,28 @@ def main() -> int:
     # Split the log into records (blank-line separated) and keep those that involve the
     # extension: Python itself has a few known exit-time leaks that are not ours.
     records = re.split(r"\n==\d+== \n", report)
-    ours = [r for r in records
-            if re.search(r"_sg\.|\((sl_common|physmem|scatterlist|iova|iommu|dma)\.c:\d+\)", r)
-            # cffi's own module-init allocation, made once per process: not ours.
-            and "_my_Py_InitModule" not in r and "PyInit__sg" not in r]
-    errors = [r for r in ours if re.search(r"Invalid (read|write|free)|uninitialised|"
-                                           r"definitely lost|Mismatched free", r)]
+    ours = [
+        r
+        for r in records
+        if re.search(r"_sg\.|\((sl_common|physmem|scatterlist|iova|iommu|dma)\.c:\d+\)", r)
+        # cffi's own module-init allocation, made once per process: not ours.
+        and "_my_Py_InitModule" not in r
+        and "PyInit__sg" not in r
+    ]
+    errors = [
+        r
+        for r in ours
+        if re.search(
+            r"Invalid (read|write|free)|uninitialised|"
+            r"definitely lost|Mismatched free",
+            r,
+        )
+    ]
     summary = re.findall(r"ERROR SUMMARY: .*", report)
-    print(f"memcheck: {len(records)} valgrind records, {len(ours)} involving the extension, "
-          f"{len(errors)} errors in the extension; {summary[-1] if summary else ''}")
+    print(
+        f"memcheck: {len(records)} valgrind records, {len(ours)} involving the extension, "
+        f"{len(errors)} errors in the extension; {summary[-1] if summary else ''}"
+    )
     for record in errors[:10]:
         print(record)
     return 1 if errors else 0

@@ -57,13 +57,18 @@ class ModelDevice:
 
     def __init__(self, mem: PhysMem, iommu: Optional[ModelIommu]) -> None:
         if iommu is not None and iommu.granule > mem.page_size:
-            raise error_for(errno.EINVAL, Reason.GRANULE_PAGE, value=iommu.granule,
-                            limit=mem.page_size)
+            raise error_for(
+                errno.EINVAL, Reason.GRANULE_PAGE, value=iommu.granule, limit=mem.page_size
+            )
         self.mem = mem
         self.iommu = iommu
-        self.limits = DeviceLimits(dma_mask=U32_MAX, max_segment_size=65536,
-                                   seg_boundary_mask=U64_MAX, max_mapping_size=U64_MAX)
-        self.pci_32bit_workaround = True   # guarded by the IOMMU's lock, where it is used
+        self.limits = DeviceLimits(
+            dma_mask=U32_MAX,
+            max_segment_size=65536,
+            seg_boundary_mask=U64_MAX,
+            max_mapping_size=U64_MAX,
+        )
+        self.pci_32bit_workaround = True  # guarded by the IOMMU's lock, where it is used
         self.bound = True
         self.live_mappings = 0
         self.inject_countdown = 0
@@ -85,16 +90,17 @@ class ModelDevice:
         seg_boundary_mask = u64(limits.seg_boundary_mask)
         max_mapping_size = u64(limits.max_mapping_size)
         if dma_mask & (dma_mask + 1) or dma_mask < smallest:
-            raise error_for(errno.EINVAL, Reason.DEVICE_DMA_MASK, value=dma_mask,
-                            limit=smallest)
+            raise error_for(errno.EINVAL, Reason.DEVICE_DMA_MASK, value=dma_mask, limit=smallest)
         if max_segment_size == 0:
             raise error_for(errno.EINVAL, Reason.DEVICE_MAX_SEGMENT, value=max_segment_size)
         if seg_boundary_mask & (seg_boundary_mask + 1) or seg_boundary_mask < smallest:
-            raise error_for(errno.EINVAL, Reason.DEVICE_SEG_BOUNDARY, value=seg_boundary_mask,
-                            limit=smallest)
+            raise error_for(
+                errno.EINVAL, Reason.DEVICE_SEG_BOUNDARY, value=seg_boundary_mask, limit=smallest
+            )
         with self.lock:
-            self.limits = DeviceLimits(dma_mask, max_segment_size, seg_boundary_mask,
-                                       max_mapping_size)
+            self.limits = DeviceLimits(
+                dma_mask, max_segment_size, seg_boundary_mask, max_mapping_size
+            )
 
     def set_injection(self, nth: int, ppm: int, err: int, seed: int) -> None:
         """dma_device_inject_failures."""
@@ -133,8 +139,11 @@ def _valid_direction(direction: int) -> bool:
 
 def _direction_prot(direction: int) -> int:
     """dma_info_to_prot: what the device may do with the memory."""
-    return {DMA_BIDIRECTIONAL: IOMMU_READ | IOMMU_WRITE, DMA_TO_DEVICE: IOMMU_READ,
-            DMA_FROM_DEVICE: IOMMU_WRITE}.get(direction, 0)
+    return {
+        DMA_BIDIRECTIONAL: IOMMU_READ | IOMMU_WRITE,
+        DMA_TO_DEVICE: IOMMU_READ,
+        DMA_FROM_DEVICE: IOMMU_WRITE,
+    }.get(direction, 0)
 
 
 def _entries(table: SgTable, count: int) -> List[Entry]:
@@ -170,19 +179,20 @@ def _check_mappable(dev: ModelDevice, table: SgTable, n_entries: int, direction:
     if not table.final:
         raise error_for(errno.EINVAL, Reason.TABLE_NOT_FINAL)
     if table.page_size != dev.mem.page_size:
-        raise error_for(errno.EINVAL, Reason.PAGE_SIZE_MISMATCH, value=dev.mem.page_size,
-                        limit=table.page_size)
+        raise error_for(
+            errno.EINVAL, Reason.PAGE_SIZE_MISMATCH, value=dev.mem.page_size, limit=table.page_size
+        )
     if n_entries == 0 or n_entries > table.orig_nents:
-        raise error_for(errno.EINVAL, Reason.NENTS_RANGE, value=n_entries,
-                        limit=table.orig_nents)
+        raise error_for(errno.EINVAL, Reason.NENTS_RANGE, value=n_entries, limit=table.orig_nents)
     mem_end = dev.mem.n_pages << table.page_shift
     for i, sg in enumerate(_entries(table, n_entries)):
         if _phys(table, sg) + sg.length > mem_end:
             raise error_for(errno.EINVAL, Reason.PHYS_RANGE, element=i, value=sg.pfn)
 
 
-def _map_direct(limits: DeviceLimits, table: SgTable, entries: List[Entry],
-                inject_errno: int) -> int:
+def _map_direct(
+    limits: DeviceLimits, table: SgTable, entries: List[Entry], inject_errno: int
+) -> int:
     dma_mask = limits.dma_mask
     for i, sg in enumerate(entries):
         phys = _phys(table, sg)
@@ -191,7 +201,7 @@ def _map_direct(limits: DeviceLimits, table: SgTable, entries: List[Entry],
     if inject_errno:
         raise error_for(inject_errno, Reason.INJECTED, value=inject_errno)
     for sg in entries:
-        sg.dma_address = _phys(table, sg)   # phys_to_dma is the identity here
+        sg.dma_address = _phys(table, sg)  # phys_to_dma is the identity here
         sg.dma_length = sg.length
     return len(entries)
 
@@ -215,17 +225,17 @@ def _unmap_block(iommu: ModelIommu, iova: int, length: int) -> None:
 # it needs; once the IOVA is known, __finalise_sg's merging as a check (a segment past 32 bits
 # is refused); the page table; __finalise_sg writing the DMA fields.
 
+
 class _Step(NamedTuple):
     """One entry's layout."""
 
-    iova_off: int   # offset of its data in its first granule
-    length: int     # its CPU length
-    iova_len: int   # its data rounded out to whole granules
-    pad: int        # boundary padding appended to the previous entry, before this one
+    iova_off: int  # offset of its data in its first granule
+    length: int  # its CPU length
+    iova_len: int  # its data rounded out to whole granules
+    pad: int  # boundary padding appended to the previous entry, before this one
 
 
-def _layout(limits: DeviceLimits, granule: int, entries: List[Entry]
-            ) -> Tuple[List[_Step], int]:
+def _layout(limits: DeviceLimits, granule: int, entries: List[Entry]) -> Tuple[List[_Step], int]:
     """The steps of every entry and the IOVA bytes they need.  Padding goes where a segment
     would cross the boundary: the block is size-aligned, so it starts on a boundary whenever
     it is larger than one.  The kernel keeps lengths in 32 bits: an entry whose rounded
@@ -240,19 +250,26 @@ def _layout(limits: DeviceLimits, granule: int, entries: List[Entry]
         pad_len = (boundary_mask - iova_len + 1) & boundary_mask
         pad = pad_len if pad_len and pad_len < s_iova_len - 1 else 0
         if s_iova_len > U32_MAX:
-            raise error_for(errno.EINVAL, Reason.DMA_SEGMENT_LENGTH, element=i,
-                            value=s_iova_len, limit=U32_MAX)
+            raise error_for(
+                errno.EINVAL, Reason.DMA_SEGMENT_LENGTH, element=i, value=s_iova_len, limit=U32_MAX
+            )
         if pad and prev_len + pad > U32_MAX:
-            raise error_for(errno.EINVAL, Reason.DMA_SEGMENT_LENGTH, element=i - 1,
-                            value=prev_len + pad, limit=U32_MAX)
+            raise error_for(
+                errno.EINVAL,
+                Reason.DMA_SEGMENT_LENGTH,
+                element=i - 1,
+                value=prev_len + pad,
+                limit=U32_MAX,
+            )
         iova_len += pad + s_iova_len
         prev_len = s_iova_len
         steps.append(_Step(iova_off, sg.length, s_iova_len, pad))
     return steps, iova_len
 
 
-def _finalise(limits: DeviceLimits, entries: List[Entry], steps: List[_Step], iova: int,
-              write: bool) -> int:
+def _finalise(
+    limits: DeviceLimits, entries: List[Entry], steps: List[_Step], iova: int, write: bool
+) -> int:
     """__finalise_sg over the layout of a block at ``iova``: merge the entries into DMA
     segments and return their count.  Without ``write`` it only checks, refusing a segment
     whose length would pass 2**32-1 (where the kernel's 32-bit length wraps); with it, segment
@@ -262,7 +279,7 @@ def _finalise(limits: DeviceLimits, entries: List[Entry], steps: List[_Step], io
     max_len = limits.max_segment_size
     dma_addr = iova
     cur_index = 0
-    cur_len = 0   # the open segment's length; 0: nothing merges on
+    cur_len = 0  # the open segment's length; 0: nothing merges on
     count = 0
     for i, (sg, step) in enumerate(zip(entries, steps)):
         if step.pad:
@@ -275,12 +292,17 @@ def _finalise(limits: DeviceLimits, entries: List[Entry], steps: List[_Step], io
             sg.dma_length = 0
         # Merge only onto an open segment, from a granule start, not at a boundary, within
         # the length limit computed as a 32-bit unsigned value (so it can wrap).
-        if (cur_len and not step.iova_off and dma_addr & seg_mask
-                and (max_len - cur_len) & U32_MAX >= step.length):
+        if (
+            cur_len
+            and not step.iova_off
+            and dma_addr & seg_mask
+            and (max_len - cur_len) & U32_MAX >= step.length
+        ):
             cur_len += step.length
             if cur_len > U32_MAX:
-                raise error_for(errno.EINVAL, Reason.DMA_SEGMENT_LENGTH, element=i,
-                                value=cur_len, limit=U32_MAX)
+                raise error_for(
+                    errno.EINVAL, Reason.DMA_SEGMENT_LENGTH, element=i, value=cur_len, limit=U32_MAX
+                )
         else:
             if i > 0:
                 cur_index += 1
@@ -292,12 +314,18 @@ def _finalise(limits: DeviceLimits, entries: List[Entry], steps: List[_Step], io
             entries[cur_index].dma_length = cur_len
         dma_addr += step.iova_len
         if step.length + step.iova_off < step.iova_len:
-            cur_len = 0   # ends before its granule does: nothing merges on
+            cur_len = 0  # ends before its granule does: nothing merges on
     return count
 
 
-def _map_runs(iommu: ModelIommu, table: SgTable, entries: List[Entry], steps: List[_Step],
-              iova: int, prot: int) -> Tuple[int, Optional[ScatterlistError]]:
+def _map_runs(
+    iommu: ModelIommu,
+    table: SgTable,
+    entries: List[Entry],
+    steps: List[_Step],
+    iova: int,
+    prot: int,
+) -> Tuple[int, Optional[ScatterlistError]]:
     """iommu_map_sg: the laid-out entries back to back, physically contiguous ones merged into
     runs (padding extends the run it follows), in batches of RUN_BATCH runs, each all or
     nothing.  Returns the bytes mapped and the error that stopped it."""
@@ -329,8 +357,14 @@ def _map_runs(iommu: ModelIommu, table: SgTable, entries: List[Entry], steps: Li
     return mapped, None
 
 
-def _map_iommu(dev: ModelDevice, limits: DeviceLimits, table: SgTable, entries: List[Entry],
-               direction: int, inject_errno: int) -> int:
+def _map_iommu(
+    dev: ModelDevice,
+    limits: DeviceLimits,
+    table: SgTable,
+    entries: List[Entry],
+    direction: int,
+    inject_errno: int,
+) -> int:
     iommu = dev.iommu
     assert iommu is not None
     steps, iova_len = _layout(limits, iommu.granule, entries)
@@ -344,29 +378,36 @@ def _map_iommu(dev: ModelDevice, limits: DeviceLimits, table: SgTable, entries: 
             try:
                 iova_pfn = iommu.iovad.alloc_noflush(n_granules, U32_MAX >> iommu.granule_shift)
             except ScatterlistError:
-                dev.pci_32bit_workaround = False   # the kernel's "Using %d-bit DMA addresses"
+                dev.pci_32bit_workaround = False  # the kernel's "Using %d-bit DMA addresses"
         if iova_pfn is None:
             try:
                 iova_pfn = iommu.iovad.alloc(n_granules, limit >> iommu.granule_shift)
             except ScatterlistError:
-                raise error_for(errno.ENOMEM, Reason.IOVA_SPACE, value=iova_len,
-                                limit=limit) from None
+                raise error_for(
+                    errno.ENOMEM, Reason.IOVA_SPACE, value=iova_len, limit=limit
+                ) from None
         iova = iova_pfn << iommu.granule_shift
 
         mapped = 0
         try:
             # The merge decisions depend on the IOVA: check them before mapping anything.
             _finalise(limits, entries, steps, iova, write=False)
-            mapped, failure = _map_runs(iommu, table, entries, steps, iova,
-                                        _direction_prot(direction))
+            mapped, failure = _map_runs(
+                iommu, table, entries, steps, iova, _direction_prot(direction)
+            )
             if failure is not None:
                 detail = failure.detail
                 assert detail is not None
                 # __invalidate_sg passes -ENOMEM through and turns anything else into
                 # -EINVAL; the page table's record stays as it is.
-                raise error_for(errno.ENOMEM if failure.errno == errno.ENOMEM else errno.EINVAL,
-                                detail.reason, element=detail.element, value=detail.value,
-                                limit=detail.limit, access=detail.access) from None
+                raise error_for(
+                    errno.ENOMEM if failure.errno == errno.ENOMEM else errno.EINVAL,
+                    detail.reason,
+                    element=detail.element,
+                    value=detail.value,
+                    limit=detail.limit,
+                    access=detail.access,
+                ) from None
             if inject_errno:
                 # Everything is mapped: the rollback has all of it to undo.
                 raise error_for(inject_errno, Reason.INJECTED, value=inject_errno)
@@ -407,8 +448,7 @@ def _check_mapped_for(dev: ModelDevice, table: SgTable, n_entries: int, directio
     if table.dma_dev is not dev:
         raise error_for(errno.EINVAL, Reason.WRONG_DEVICE)
     if n_entries == 0 or n_entries > table.orig_nents:
-        raise error_for(errno.EINVAL, Reason.NENTS_RANGE, value=n_entries,
-                        limit=table.orig_nents)
+        raise error_for(errno.EINVAL, Reason.NENTS_RANGE, value=n_entries, limit=table.orig_nents)
 
 
 def unmap(dev: ModelDevice, table: SgTable, n_entries: int, direction: int) -> None:
@@ -416,8 +456,10 @@ def unmap(dev: ModelDevice, table: SgTable, n_entries: int, direction: int) -> N
     if dev.iommu is not None:
         with dev.iommu.lock:
             _unmap_block(dev.iommu, table.dma_iova, table.dma_iova_len)
-            dev.iommu.iovad.free(table.dma_iova >> dev.iommu.granule_shift,
-                                 table.dma_iova_len >> dev.iommu.granule_shift)
+            dev.iommu.iovad.free(
+                table.dma_iova >> dev.iommu.granule_shift,
+                table.dma_iova_len >> dev.iommu.granule_shift,
+            )
     # Clear the DMA view: a stale field would let a device follow it into IOVAs that another
     # table may own by now.
     _poison(_entries(table, table.orig_nents))
@@ -432,13 +474,13 @@ def unmap(dev: ModelDevice, table: SgTable, n_entries: int, direction: int) -> N
 
 
 def sync(dev: ModelDevice, table: SgTable, n_entries: int, direction: int) -> None:
-    _check_mapped_for(dev, table, n_entries, direction)   # coherent: no bytes move
+    _check_mapped_for(dev, table, n_entries, direction)  # coherent: no bytes move
 
 
 # -- device-side access ----------------------------------------------------------------------
 
-def _translate(dev: ModelDevice, dma_addr: int, n_bytes: int, access: int
-               ) -> List[Tuple[int, int]]:
+
+def _translate(dev: ModelDevice, dma_addr: int, n_bytes: int, access: int) -> List[Tuple[int, int]]:
     if n_bytes == 0:
         return []
     with dev.lock:
@@ -446,8 +488,9 @@ def _translate(dev: ModelDevice, dma_addr: int, n_bytes: int, access: int
     # A device cannot emit an address above its mask, behind an IOMMU or not; such an access
     # never reaches the IOMMU, so it is not in its fault log.
     if dma_addr > dma_mask or n_bytes - 1 > dma_mask - dma_addr:
-        raise error_for(errno.EFAULT, Reason.DMA_ACCESS_MASK, value=dma_addr, limit=dma_mask,
-                        access=access)
+        raise error_for(
+            errno.EFAULT, Reason.DMA_ACCESS_MASK, value=dma_addr, limit=dma_mask, access=access
+        )
     if dev.iommu is None:
         runs = [(dma_addr, n_bytes)]
     else:
@@ -460,14 +503,15 @@ def _translate(dev: ModelDevice, dma_addr: int, n_bytes: int, access: int
     return runs
 
 
-def _copy_runs(dev: ModelDevice, runs: List[Tuple[int, int]], buf: memoryview,
-               to_memory: bool) -> None:
+def _copy_runs(
+    dev: ModelDevice, runs: List[Tuple[int, int]], buf: memoryview, to_memory: bool
+) -> None:
     at = 0
     for phys, length in runs:
         if to_memory:
-            dev.mem.write(phys, buf[at:at + length])
+            dev.mem.write(phys, buf[at : at + length])
         else:
-            dev.mem.read_into(phys, buf[at:at + length])
+            dev.mem.read_into(phys, buf[at : at + length])
         at += length
 
 
@@ -493,8 +537,9 @@ def device_write(dev: ModelDevice, dma_addr: int, data: memoryview) -> None:
     _copy_runs(dev, runs, data, True)
 
 
-def _table_runs(dev: ModelDevice, table: SgTable, n_bytes: int, access: int
-                ) -> List[Tuple[int, int]]:
+def _table_runs(
+    dev: ModelDevice, table: SgTable, n_bytes: int, access: int
+) -> List[Tuple[int, int]]:
     if table.dma_dev is None:
         raise error_for(errno.EINVAL, Reason.NOT_MAPPED)
     if table.dma_dev is not dev:
@@ -530,6 +575,7 @@ def device_write_sg(dev: ModelDevice, table: SgTable, data: memoryview) -> None:
 
 # -- the engine methods (mixed into ModelEngine) -------------------------------------------
 
+
 def _iommu(iommu: object) -> ModelIommu:
     if not isinstance(iommu, ModelIommu):
         raise TypeError(f"not a model IOMMU handle: {iommu!r}")
@@ -562,8 +608,7 @@ class DmaEngineMixin:
     def iommu_destroy(self, iommu: object) -> None:
         _iommu(iommu)
 
-    def iommu_map(self, iommu: object, iova: int, phys: int, size_bytes: int,
-                  prot: int) -> None:
+    def iommu_map(self, iommu: object, iova: int, phys: int, size_bytes: int, prot: int) -> None:
         model = _iommu(iommu)
         args = u64(iova), u64(phys), u64(size_bytes), u32(prot)
         with model.lock:
@@ -600,8 +645,12 @@ class DmaEngineMixin:
     def iommu_info(self, iommu: object) -> Tuple[int, int, int, int]:
         model = _iommu(iommu)
         with model.lock:
-            return (model.domain.mapped_pages, model.domain.fault_total,
-                    model.iovad.live_ranges, model.iovad.cached_ranges)
+            return (
+                model.domain.mapped_pages,
+                model.domain.fault_total,
+                model.iovad.live_ranges,
+                model.iovad.cached_ranges,
+            )
 
     def iommu_iova_ranges(self, iommu: object, state_mask: int) -> List[Tuple[int, int, int]]:
         model = _iommu(iommu)
@@ -658,36 +707,42 @@ class DmaEngineMixin:
         with model.lock:
             return model.live_mappings
 
-    def device_inject_failures(self, dev: object, nth: int, ppm: int, err: int,
-                               seed: int) -> None:
+    def device_inject_failures(self, dev: object, nth: int, ppm: int, err: int, seed: int) -> None:
         _device(dev).set_injection(nth, ppm, err, seed)
 
     def device_injection(self, dev: object) -> Tuple[int, int, int, int]:
         model = _device(dev)
         with model.lock:
-            return (model.inject_countdown, model.inject_ppm, model.inject_errno,
-                    model.inject_rng.state)
+            return (
+                model.inject_countdown,
+                model.inject_ppm,
+                model.inject_errno,
+                model.inject_rng.state,
+            )
 
     def device_injected_failures(self, dev: object) -> int:
         model = _device(dev)
         with model.lock:
             return model.injected_failures
 
-    def dma_map(self, dev: object, table: object, direction: int,
-                nents: Optional[int] = None) -> int:
+    def dma_map(
+        self, dev: object, table: object, direction: int, nents: Optional[int] = None
+    ) -> int:
         model, sgt = _device(dev), _sg_table(table)
         count = map_entries(model, sgt, _nents(sgt, nents), c_int(direction, 32, signed=True))
         if nents is None:
             sgt.nents = count
         return count
 
-    def dma_unmap(self, dev: object, table: object, direction: int,
-                  nents: Optional[int] = None) -> None:
+    def dma_unmap(
+        self, dev: object, table: object, direction: int, nents: Optional[int] = None
+    ) -> None:
         sgt = _sg_table(table)
         unmap(_device(dev), sgt, _nents(sgt, nents), c_int(direction, 32, signed=True))
 
-    def dma_sync(self, dev: object, table: object, direction: int, for_cpu: bool,
-                 nents: Optional[int] = None) -> None:
+    def dma_sync(
+        self, dev: object, table: object, direction: int, for_cpu: bool, nents: Optional[int] = None
+    ) -> None:
         sgt = _sg_table(table)
         sync(_device(dev), sgt, _nents(sgt, nents), c_int(direction, 32, signed=True))
 
@@ -695,8 +750,9 @@ class DmaEngineMixin:
         sgt = _sg_table(table)
         if sgt.dma_dev is None:
             return None
-        return TableMapping(sgt.dma_dir, sgt.dma_iova, sgt.dma_iova_len, sgt.dma_map_nents,
-                            sgt.dma_mapped_count)
+        return TableMapping(
+            sgt.dma_dir, sgt.dma_iova, sgt.dma_iova_len, sgt.dma_map_nents, sgt.dma_mapped_count
+        )
 
     def dma_check_access(self, dev: object, dma_addr: int, n_bytes: int, access: int) -> None:
         check_access(_device(dev), u64(dma_addr), u64(n_bytes), u32(access))

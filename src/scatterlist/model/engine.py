@@ -45,10 +45,8 @@ class ModelEngine(DmaEngineMixin):
         m = _memory(mem)
         return (m.n_pages, m.n_free, m.n_resident)
 
-    def memory_alloc_pages(self, mem: Any, n_pages: int, layout: int,
-                           seed: int) -> "array[int]":
-        return _memory(mem).alloc_pages(u64(n_pages), c_int(layout, 32, signed=True),
-                                        u64(seed))
+    def memory_alloc_pages(self, mem: Any, n_pages: int, layout: int, seed: int) -> "array[int]":
+        return _memory(mem).alloc_pages(u64(n_pages), c_int(layout, 32, signed=True), u64(seed))
 
     def memory_free_pages(self, mem: Any, pfns: memoryview) -> None:
         _memory(mem).free_pages(pfn_list(pfns))
@@ -69,10 +67,10 @@ class ModelEngine(DmaEngineMixin):
     def table_destroy(self, table: Any) -> None:
         _table(table).free_entries()
 
-    def table_append(self, table: Any, pfns: memoryview, offset: int, size_bytes: int,
-                     left_pages: int) -> None:
-        _table(table).append(pfn_list(pfns), u32(offset), u64(size_bytes),
-                             u64(left_pages))
+    def table_append(
+        self, table: Any, pfns: memoryview, offset: int, size_bytes: int, left_pages: int
+    ) -> None:
+        _table(table).append(pfn_list(pfns), u32(offset), u64(size_bytes), u64(left_pages))
 
     def table_set_entries(self, table: Any, rows: memoryview) -> None:
         _table(table).set_entries(pfn_list(rows))
@@ -99,6 +97,5 @@ class ModelEngine(DmaEngineMixin):
     def table_page_pfns(self, table: Any, start_pgoffset: int) -> "array[int]":
         return _table(table).page_pfns(u64(start_pgoffset))
 
-    def table_copy(self, table: Any, mem: Any, buf: memoryview, skip: int,
-                   to_buffer: bool) -> int:
+    def table_copy(self, table: Any, mem: Any, buf: memoryview, skip: int, to_buffer: bool) -> int:
         return _table(table).copy(_memory(mem), byte_view(buf), u64(skip), bool(to_buffer))

@@ -25,7 +25,7 @@ IOMMU_MMIO = 16
 IOMMU_PRIV = 32
 IOMMU_PROT_MASK = 63
 
-IOMMU_FAULT_LOG_SIZE = 256   # records kept; older ones are overwritten
+IOMMU_FAULT_LOG_SIZE = 256  # records kept; older ones are overwritten
 
 IOMMU_FAULT_NOT_MAPPED = 1
 IOMMU_FAULT_NO_PERMISSION = 2
@@ -112,8 +112,9 @@ class IommuDomain:
         """Alignment of a map/unmap request: the first misaligned of iova, phys, size."""
         for misaligned in (iova, phys, size_bytes):
             if misaligned & self.granule_mask:
-                raise error_for(errno.EINVAL, Reason.IOMMU_ALIGN, value=misaligned,
-                                limit=self.granule_bytes)
+                raise error_for(
+                    errno.EINVAL, Reason.IOMMU_ALIGN, value=misaligned, limit=self.granule_bytes
+                )
 
     def _check_aperture(self, iova: int, size_bytes: int) -> None:
         """[iova, iova + size_bytes) inside the aperture; size_bytes > 0."""
@@ -121,8 +122,13 @@ class IommuDomain:
             raise self._aperture_error(iova)
 
     def _aperture_error(self, iova: int, element: int = 0) -> ScatterlistError:
-        return error_for(errno.EINVAL, Reason.IOMMU_APERTURE, element=element, value=iova,
-                         limit=self._aperture_last)
+        return error_for(
+            errno.EINVAL,
+            Reason.IOMMU_APERTURE,
+            element=element,
+            value=iova,
+            limit=self._aperture_last,
+        )
 
     # -- mapping -----------------------------------------------------------------------
     def _first_mapped(self, pfn: int, n_pages: int) -> Optional[int]:
@@ -136,15 +142,15 @@ class IommuDomain:
                 return p
         return None
 
-    def _map_pages(self, pfn: int, n_pages: int, runs: Sequence[Tuple[int, int]],
-                   prot: int) -> None:
+    def _map_pages(
+        self, pfn: int, n_pages: int, runs: Sequence[Tuple[int, int]], prot: int
+    ) -> None:
         """map_pages: fills n_pages entries from pfn on with the pages of runs (aligned,
         checked, zero-length runs allowed), all or nothing: -EEXIST at the first page in order
         that is already mapped."""
         clash = self._first_mapped(pfn, n_pages)
         if clash is not None:
-            raise error_for(errno.EEXIST, Reason.IOMMU_MAPPED,
-                            value=clash << self.granule_shift)
+            raise error_for(errno.EEXIST, Reason.IOMMU_MAPPED, value=clash << self.granule_shift)
         pages = self._pages
         granule = self.granule_bytes
         cur = pfn
@@ -165,8 +171,9 @@ class IommuDomain:
         self._check_aperture(iova, size_bytes)
         if size_bytes - 1 > U64_MAX - phys:
             raise error_for(errno.EINVAL, Reason.IOMMU_PHYS_RANGE, value=phys)
-        self._map_pages(iova >> self.granule_shift, size_bytes >> self.granule_shift,
-                        [(phys, size_bytes)], prot)
+        self._map_pages(
+            iova >> self.granule_shift, size_bytes >> self.granule_shift, [(phys, size_bytes)], prot
+        )
 
     def map_runs(self, iova: int, runs: Sequence[Tuple[int, int]], prot: int) -> None:
         """iommu_map_runs (the kernel's iommu_map_sg): maps the (phys, len_bytes) runs back to
@@ -175,14 +182,17 @@ class IommuDomain:
             raise error_for(errno.EINVAL, Reason.IOMMU_PROT, value=prot)
         mask = self.granule_mask
         if iova & mask:
-            raise error_for(errno.EINVAL, Reason.IOMMU_ALIGN, value=iova,
-                            limit=self.granule_bytes)
+            raise error_for(errno.EINVAL, Reason.IOMMU_ALIGN, value=iova, limit=self.granule_bytes)
         total = 0
         for i, (phys, len_bytes) in enumerate(runs):
             if (phys | len_bytes) & mask:
-                raise error_for(errno.EINVAL, Reason.IOMMU_ALIGN, element=i,
-                                value=phys if phys & mask else len_bytes,
-                                limit=self.granule_bytes)
+                raise error_for(
+                    errno.EINVAL,
+                    Reason.IOMMU_ALIGN,
+                    element=i,
+                    value=phys if phys & mask else len_bytes,
+                    limit=self.granule_bytes,
+                )
             if len_bytes == 0:
                 continue
             if len_bytes - 1 > U64_MAX - phys:
@@ -202,7 +212,7 @@ class IommuDomain:
         if size_bytes == 0:
             return 0
         self._check_aperture(iova, size_bytes)
-        if size_bytes > INT64_MAX:   # the byte count is returned as int64_t
+        if size_bytes > INT64_MAX:  # the byte count is returned as int64_t
             raise self._aperture_error(iova)
         pages = self._pages
         pfn = iova >> self.granule_shift
@@ -226,8 +236,7 @@ class IommuDomain:
         if pte is None:
             raise self._log_fault(iova, access, IOMMU_FAULT_NOT_MAPPED, 0)
         if not pte & access:
-            raise self._log_fault(iova, access, IOMMU_FAULT_NO_PERMISSION,
-                                  pte & IOMMU_PROT_MASK)
+            raise self._log_fault(iova, access, IOMMU_FAULT_NO_PERMISSION, pte & IOMMU_PROT_MASK)
 
     @staticmethod
     def _check_access(access: int) -> None:
@@ -245,8 +254,9 @@ class IommuDomain:
         mask = self.granule_mask
         return (pte & ~mask) | (iova & mask)
 
-    def translate_range(self, iova: int, len_bytes: int, access: int,
-                        capacity: Optional[int] = None) -> List[Tuple[int, int]]:
+    def translate_range(
+        self, iova: int, len_bytes: int, access: int, capacity: Optional[int] = None
+    ) -> List[Tuple[int, int]]:
         """iommu_translate_range: the physically contiguous (phys, len_bytes) runs of a device
         access to [iova, iova + len_bytes), neighbouring pages merged.  The first fault is
         logged and raised (the C also returns the runs before it); with a capacity, needing
@@ -261,7 +271,7 @@ class IommuDomain:
         mask = self.granule_mask
         shift = self.granule_shift
         runs: List[Tuple[int, int]] = []
-        run_phys = run_len = 0   # the last run, kept apart until it is complete
+        run_phys = run_len = 0  # the last run, kept apart until it is complete
         addr = iova
         left = len_bytes
         while left:
@@ -280,8 +290,9 @@ class IommuDomain:
                 if run_len:
                     runs.append((run_phys, run_len))
                 if capacity is not None and len(runs) == capacity:
-                    raise error_for(errno.ENOSPC, Reason.IOMMU_RUNS_CAPACITY, value=addr,
-                                    limit=capacity)
+                    raise error_for(
+                        errno.ENOSPC, Reason.IOMMU_RUNS_CAPACITY, value=addr, limit=capacity
+                    )
                 run_phys, run_len = phys, piece
             addr += piece
             left -= piece

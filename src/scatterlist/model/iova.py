@@ -27,9 +27,9 @@ from typing import Collection, Dict, List, Optional, Tuple
 
 from ..errors import Reason, error_for
 
-IOVA_RANGE_CACHE_MAX_ORDER = 6   # orders 0..5 are cached: sizes up to 32 granules
-IOVA_FAST_ROUND_BELOW = 32       # sizes below this are rounded up to a power of two
-IOVA_MAG_SIZE = 127              # ranges per magazine
+IOVA_RANGE_CACHE_MAX_ORDER = 6  # orders 0..5 are cached: sizes up to 32 granules
+IOVA_FAST_ROUND_BELOW = 32  # sizes below this are rounded up to a power of two
+IOVA_MAG_SIZE = 127  # ranges per magazine
 
 IOVA_RANGE_LIVE = 0
 IOVA_RANGE_RESERVED = 1
@@ -43,7 +43,7 @@ IOVA_MASK_ALL = IOVA_MASK_LIVE | IOVA_MASK_RESERVED | IOVA_MASK_CACHED
 U64_MAX = (1 << 64) - 1
 # The C's anchor node occupies pfn U64_MAX, so the highest free granule is the one below it.
 _TOP_FREE_PFN = U64_MAX - 1
-_CACHE_MAX_SIZE = 1 << (IOVA_RANGE_CACHE_MAX_ORDER - 1)   # 32 granules
+_CACHE_MAX_SIZE = 1 << (IOVA_RANGE_CACHE_MAX_ORDER - 1)  # 32 granules
 
 
 def is_valid_granule(granule_bytes: int) -> bool:
@@ -67,7 +67,7 @@ def size_order(size: int) -> int:
     return size.bit_length() - 1
 
 
-_EXACT_CLASSES = 256   # free intervals shorter than this are filed by their exact size
+_EXACT_CLASSES = 256  # free intervals shorter than this are filed by their exact size
 
 
 def size_class(size: int) -> int:
@@ -86,11 +86,11 @@ class FreeSpace:
 
     def __init__(self, start_pfn: int, los: List[int], his: List[int]) -> None:
         """The free space between the ranges given by the ascending lists los and his."""
-        self.end_of: Dict[int, int] = {}     # first pfn -> last pfn
-        self.start_of: Dict[int, int] = {}   # last pfn -> first pfn
+        self.end_of: Dict[int, int] = {}  # first pfn -> last pfn
+        self.start_of: Dict[int, int] = {}  # last pfn -> first pfn
         self.by_class: List[List[int]] = [[] for _ in range(_EXACT_CLASSES + 65)]
         self.occupied = 0
-        pos = start_pfn   # the lowest pfn not yet known to be taken or described
+        pos = start_pfn  # the lowest pfn not yet known to be taken or described
         for lo, hi in zip(los, his):
             if lo > pos:
                 self._append(pos, lo - 1)
@@ -275,7 +275,7 @@ class IovaDomain:
         self._hi.insert(i, hi)
         self._state.insert(i, state)
         if hi < self.start_pfn:
-            return   # granules below start_pfn are never free
+            return  # granules below start_pfn are never free
         # Everything between the range's neighbours was free: one interval, starting just
         # above the predecessor, holds the range.
         interval_first = self.start_pfn
@@ -330,7 +330,7 @@ class IovaDomain:
             else:
                 return None
         mag = rc.loaded
-        last_lo = limit_pfn - (1 << order) + 1   # pfn_hi <= limit_pfn  <=>  pfn_lo <= this
+        last_lo = limit_pfn - (1 << order) + 1  # pfn_hi <= limit_pfn  <=>  pfn_lo <= this
         for i in range(len(mag) - 1, -1, -1):
             lo = mag[i]
             if lo <= last_lo:
@@ -399,8 +399,9 @@ class IovaDomain:
             # was (the C unlinks them and links them back).
             members = set(self._cached_members())
             keep = [i for i, lo in enumerate(self._lo) if lo not in members]
-            without_cached = FreeSpace(self.start_pfn, [self._lo[i] for i in keep],
-                                       [self._hi[i] for i in keep])
+            without_cached = FreeSpace(
+                self.start_pfn, [self._lo[i] for i in keep], [self._hi[i] for i in keep]
+            )
             pfn = self._tree_alloc_pfn(size, limit_pfn, without_cached)
             if pfn is not None:
                 self._rcache_clear(unlink=True)
@@ -437,8 +438,9 @@ class IovaDomain:
             raise error_for(errno.EINVAL, Reason.IOVA_NOT_START, value=pfn)
         size = self._hi[i] - lo + 1
         if fast_size(size_granules) != size:
-            raise error_for(errno.EINVAL, Reason.IOVA_SIZE_MISMATCH, value=size_granules,
-                            limit=size)
+            raise error_for(
+                errno.EINVAL, Reason.IOVA_SIZE_MISMATCH, value=size_granules, limit=size
+            )
         self._n_live -= 1
         self._live_granules -= size
         if size <= _CACHE_MAX_SIZE:
@@ -454,12 +456,11 @@ class IovaDomain:
             raise error_for(errno.EINVAL, Reason.IOVA_RANGE, value=lo_pfn, limit=hi_pfn)
         overlaps_cached = False
         n = len(self._lo)
-        j = bisect_left(self._hi, lo_pfn)   # the first range ending at or after lo_pfn
+        j = bisect_left(self._hi, lo_pfn)  # the first range ending at or after lo_pfn
         while j < n and self._lo[j] <= hi_pfn:
             state = self._state[j]
             if state == IOVA_RANGE_LIVE:
-                raise error_for(errno.EBUSY, Reason.IOVA_BUSY, value=self._lo[j],
-                                limit=self._hi[j])
+                raise error_for(errno.EBUSY, Reason.IOVA_BUSY, value=self._lo[j], limit=self._hi[j])
             if state == IOVA_RANGE_CACHED:
                 overlaps_cached = True
             j += 1
@@ -492,11 +493,14 @@ class IovaDomain:
         """iova_flush_rcache: every cached range goes back to free space."""
         self._rcache_clear(unlink=True)
 
-    def ranges(self, from_pfn: int = 0,
-               state_mask: int = IOVA_MASK_ALL) -> List[Tuple[int, int, int]]:
+    def ranges(
+        self, from_pfn: int = 0, state_mask: int = IOVA_MASK_ALL
+    ) -> List[Tuple[int, int, int]]:
         """iova_ranges without a capacity: (pfn_lo, pfn_hi, state) of every range whose state
         bit is in state_mask and whose pfn_hi >= from_pfn, ascending."""
         start = bisect_left(self._hi, from_pfn)
-        return [(lo, hi, state) for lo, hi, state in
-                zip(self._lo[start:], self._hi[start:], self._state[start:])
-                if state_mask & (1 << state)]
+        return [
+            (lo, hi, state)
+            for lo, hi, state in zip(self._lo[start:], self._hi[start:], self._state[start:])
+            if state_mask & (1 << state)
+        ]

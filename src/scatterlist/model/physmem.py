@@ -81,8 +81,8 @@ class PhysMem:
         self.n_pages = size_bytes >> self.page_shift
         self.n_groups = (self.n_pages + GROUP_PAGES - 1) // GROUP_PAGES
         self.n_free = self.n_pages
-        self.groups: Dict[int, PageGroup] = {}   # group index -> state; missing = all free
-        self.frames: Dict[int, bytearray] = {}   # pfn -> page bytes; missing = zeros
+        self.groups: Dict[int, PageGroup] = {}  # group index -> state; missing = all free
+        self.frames: Dict[int, bytearray] = {}  # pfn -> page bytes; missing = zeros
         # Devices on several threads may share a memory: as in the C, every public call that
         # reads or changes the pages holds this lock (public calls never nest).
         self.lock = threading.Lock()
@@ -115,7 +115,7 @@ class PhysMem:
         and only a partly used group is looked at page by page.  Untouched groups cost
         nothing: the stretch between two used groups is one interval.  Two intervals may
         touch (at a group boundary); callers compare pfn values, never interval ends."""
-        pos = 0   # the first pfn not described yet
+        pos = 0  # the first pfn not described yet
         for g in sorted(self.groups):
             group = self.groups[g]
             if group.n_allocated == 0:
@@ -173,7 +173,7 @@ class PhysMem:
         out: "array[int]" = array("Q")
         rng = SplitMix64(seed)
         taking = True
-        left = 1 + rng.next() % 16   # pfns left in the current take or skip run
+        left = 1 + rng.next() % 16  # pfns left in the current take or skip run
         for start, stop in self.free_intervals():
             pfn = start
             while pfn < stop:
@@ -246,7 +246,7 @@ class PhysMem:
             group = self.groups[pfn // GROUP_PAGES]
             group.allocated[pfn % GROUP_PAGES] = 0
             group.n_allocated -= 1
-            self.frames.pop(pfn, None)   # freed pages lose their contents
+            self.frames.pop(pfn, None)  # freed pages lose their contents
         self.n_free += len(pfns)
 
     # -- byte access -------------------------------------------------------------------
@@ -277,9 +277,9 @@ class PhysMem:
             frame = self.frames.get(pfn)
             if frame is None:
                 if not out_is_zero:
-                    out[at:at + piece] = bytes(piece)
+                    out[at : at + piece] = bytes(piece)
             else:
-                out[at:at + piece] = frame[in_page:in_page + piece]
+                out[at : at + piece] = frame[in_page : in_page + piece]
 
     def read(self, phys: int, n_bytes: int) -> bytes:
         """The n_bytes at phys; unwritten bytes read as zero."""
@@ -306,4 +306,4 @@ class PhysMem:
                 frame = self.frames[pfn] = bytearray(self.page_size)
             frames.append(frame)
         for frame, (_, in_page, at, piece) in zip(frames, self._pieces(phys, n_bytes)):
-            frame[in_page:in_page + piece] = data[at:at + piece]
+            frame[in_page : in_page + piece] = data[at : at + piece]

@@ -47,17 +47,25 @@ class Entry:
     array's last slot; it is fixed when the array is made and is not part of the entry's
     data."""
 
-    __slots__ = ("page_link", "offset", "length", "dma_address", "dma_length", "dma_flags",
-                 "chain", "following")
+    __slots__ = (
+        "page_link",
+        "offset",
+        "length",
+        "dma_address",
+        "dma_length",
+        "dma_flags",
+        "chain",
+        "following",
+    )
 
     def __init__(self, following: Optional[Entry]) -> None:
-        self.page_link = 0      # pfn << 2 | SG_END, or SG_CHAIN on a chain slot
-        self.offset = 0         # bytes into the first page
-        self.length = 0         # CPU length in bytes
+        self.page_link = 0  # pfn << 2 | SG_END, or SG_CHAIN on a chain slot
+        self.offset = 0  # bytes into the first page
+        self.length = 0  # CPU length in bytes
         self.dma_address = 0
         self.dma_length = 0
         self.dma_flags = 0
-        self.chain: Optional[Chunk] = None   # the array a chain slot points at
+        self.chain: Optional[Chunk] = None  # the array a chain slot points at
         self.following = following
 
     @property
@@ -73,7 +81,7 @@ class Chunk:
     def __init__(self, n_slots: int) -> None:
         entries: List[Entry] = []
         following: Optional[Entry] = None
-        for _ in range(n_slots):   # built back to front so each slot knows the next one
+        for _ in range(n_slots):  # built back to front so each slot knows the next one
             following = Entry(following)
             entries.append(following)
         entries.reverse()
@@ -87,6 +95,7 @@ class Chunk:
 
 # -- the kernel's entry helpers ----------------------------------------------------------
 
+
 def sg_is_chain(sg: Entry) -> bool:
     return sg.page_link & SG_CHAIN != 0
 
@@ -97,11 +106,11 @@ def sg_is_last(sg: Entry) -> bool:
 
 def sg_next(sg: Entry) -> Optional[Entry]:
     """None after the END entry; otherwise the next slot, following one chain link."""
-    if sg.page_link & SG_END:   # sg_is_last
+    if sg.page_link & SG_END:  # sg_is_last
         return None
     nxt = sg.following
-    assert nxt is not None       # only an END entry can be an array's last slot
-    if nxt.page_link & SG_CHAIN:   # sg_is_chain
+    assert nxt is not None  # only an END entry can be an array's last slot
+    if nxt.page_link & SG_CHAIN:  # sg_is_chain
         assert nxt.chain is not None
         return nxt.chain.entries[0]
     return nxt
@@ -128,29 +137,30 @@ def sg_chain(link: Entry, next_chunk: Chunk) -> None:
 
 # -- the table ---------------------------------------------------------------------------
 
+
 class SgTable:
     """An append table (``sg_append_table``) and its emulation-side settings."""
 
     def __init__(self, page_size: int, max_segment_bytes: int) -> None:
         if not is_valid_page_size(page_size):
             raise error_for(errno.EINVAL, Reason.PAGE_SIZE, value=page_size)
-        rounded = max_segment_bytes & ~(page_size - 1)   # the kernel's ALIGN_DOWN
+        rounded = max_segment_bytes & ~(page_size - 1)  # the kernel's ALIGN_DOWN
         if rounded < page_size:
             raise error_for(errno.EINVAL, Reason.MAX_SEGMENT, value=max_segment_bytes)
         self.page_size = page_size
         self.page_shift = page_size.bit_length() - 1
-        self.chunk_entries = page_size // SG_ENTRY_BYTES   # SG_MAX_SINGLE_ALLOC
+        self.chunk_entries = page_size // SG_ENTRY_BYTES  # SG_MAX_SINGLE_ALLOC
         self.max_segment_bytes = rounded
         # sg_table
         self.sgl: Optional[Entry] = None
         self.nents = 0
         self.orig_nents = 0
         # sg_append_table
-        self.prv: Optional[Entry] = None   # the last populated entry
-        self.total_nents = 0               # usable slots allocated (chain links excluded)
+        self.prv: Optional[Entry] = None  # the last populated entry
+        self.total_nents = 0  # usable slots allocated (chain links excluded)
         # emulation
-        self.final = False                 # the last append had left_pages == 0
-        self.chunks: List[Chunk] = []      # every entry array, in chain order
+        self.final = False  # the last append had left_pages == 0
+        self.chunks: List[Chunk] = []  # every entry array, in chain order
         # DMA mapping state (struct sl_table's dma_* fields, kept by the DMA layer): the
         # device the table is mapped for (None when not mapped), direction, IOVA block.
         self.dma_dev: Optional[object] = None
@@ -158,7 +168,7 @@ class SgTable:
         self.dma_iova = 0
         self.dma_iova_len = 0
         self.dma_map_nents = 0
-        self.dma_mapped_count = 0   # the DMA segment count of the live mapping
+        self.dma_mapped_count = 0  # the DMA segment count of the live mapping
 
     def free_entries(self) -> None:
         """sg_free_table: drops the chunks; the counters stay as they were."""
@@ -187,7 +197,7 @@ class SgTable:
         link: Optional[Entry] = None
         if cur is not None:
             nxt = sg_next(cur)
-            assert nxt is not None   # cur is never the END entry of a non-final table
+            assert nxt is not None  # cur is never the END entry of a non-final table
             if not sg_is_last(nxt) or needed == 1:
                 return nxt
             link = nxt
@@ -225,8 +235,7 @@ class SgTable:
                 if pfn > pfn_limit:
                     raise error_for(errno.EINVAL, Reason.PFN_RANGE, element=i, value=pfn)
 
-    def append(self, pfns: Sequence[int], offset: int, size_bytes: int,
-               left_pages: int) -> None:
+    def append(self, pfns: Sequence[int], offset: int, size_bytes: int, left_pages: int) -> None:
         """sg_alloc_append_table_from_pages, with the checks of csrc/scatterlist.c."""
         page_size = self.page_size
         shift = self.page_shift
@@ -259,8 +268,11 @@ class SgTable:
                     raise error_for(errno.EINVAL, Reason.MID_PAGE_REPEAT, value=pfns[0])
                 last_pfn = next_pfn - 1
                 merged_length = prv.length
-                while (merged < n_pages and pfns[merged] == last_pfn + 1
-                       and merged_length + page_size <= self.max_segment_bytes):
+                while (
+                    merged < n_pages
+                    and pfns[merged] == last_pfn + 1
+                    and merged_length + page_size <= self.max_segment_bytes
+                ):
                     merged_length += page_size
                     last_pfn = pfns[merged]
                     merged += 1
@@ -272,7 +284,7 @@ class SgTable:
         # while counting entries).
         self._check_pfn_range(pfns)
         starts = self._segment_starts(pfns, merged)
-        chunks = len(starts)   # the kernel's name: entries this call adds
+        chunks = len(starts)  # the kernel's name: entries this call adds
         if self.total_nents + chunks + self.chunk_entries > U32_MAX:
             raise error_for(errno.EINVAL, Reason.TOO_MANY_ENTRIES, value=chunks)
 
@@ -290,7 +302,7 @@ class SgTable:
             sg_set_page(s, pfns[begin], length, entry_offset)
             remaining -= length
             entry_offset = 0
-        assert s is not None   # either prv existed or at least one entry was added
+        assert s is not None  # either prv existed or at least one entry was added
         self.nents = (self.nents + chunks) & U32_MAX
         self.orig_nents = self.nents
         self.prv = s
@@ -356,19 +368,30 @@ class SgTable:
         """The first n_entries entries, walked with sg_next; an error if the list is short."""
         entries = list(islice(self.walk(), n_entries))
         if len(entries) < n_entries:
-            raise error_for(errno.EINVAL, Reason.NENTS_RANGE, value=n_entries,
-                            limit=len(entries))
+            raise error_for(errno.EINVAL, Reason.NENTS_RANGE, value=n_entries, limit=len(entries))
         return entries
 
     def export_cpu(self, n_entries: int) -> "array[int]":
         """(pfn, offset, length) per entry, flattened."""
-        return array("Q", [field for sg in self._first_entries(n_entries)
-                           for field in (sg.page_link >> 2, sg.offset, sg.length)])
+        return array(
+            "Q",
+            [
+                field
+                for sg in self._first_entries(n_entries)
+                for field in (sg.page_link >> 2, sg.offset, sg.length)
+            ],
+        )
 
     def export_dma(self, n_entries: int) -> "array[int]":
         """(dma_address, dma_length) per entry, flattened."""
-        return array("Q", [field for sg in self._first_entries(n_entries)
-                           for field in (sg.dma_address, sg.dma_length)])
+        return array(
+            "Q",
+            [
+                field
+                for sg in self._first_entries(n_entries)
+                for field in (sg.dma_address, sg.dma_length)
+            ],
+        )
 
     def page_count(self, sg: Entry) -> int:
         """PAGE_ALIGN(offset + length) >> PAGE_SHIFT."""
@@ -396,8 +419,9 @@ class SgTable:
         """sg_copy_buffer over orig_nents entries: table -> buf when to_buffer, else
         buf -> table.  Returns the bytes copied (0 when skip runs past the end)."""
         if mem.page_size != self.page_size:
-            raise error_for(errno.EINVAL, Reason.PAGE_SIZE_MISMATCH, value=mem.page_size,
-                            limit=self.page_size)
+            raise error_for(
+                errno.EINVAL, Reason.PAGE_SIZE_MISMATCH, value=mem.page_size, limit=self.page_size
+            )
         # Every entry must lie inside the memory before a byte moves.
         mem_end = mem.n_pages << self.page_shift
         for i, sg in enumerate(self.walk_cpu()):
@@ -415,8 +439,8 @@ class SgTable:
             piece = min(sg.length - skip, buflen - copied)
             skip = 0
             if to_buffer:
-                mem.read_into(phys, buf[copied:copied + piece])
+                mem.read_into(phys, buf[copied : copied + piece])
             else:
-                mem.write(phys, buf[copied:copied + piece])
+                mem.write(phys, buf[copied : copied + piece])
             copied += piece
         return copied
