@@ -7,6 +7,9 @@ to the project root, which is where setuptools runs this file; absolute paths wo
 
 from __future__ import annotations
 
+import os
+from typing import Sequence
+
 import cffi
 
 C_SOURCES = [
@@ -169,16 +172,31 @@ int dma_device_check_access(struct dma_device *dev, uint64_t dma_addr, uint64_t 
                             uint32_t access);
 """
 
-ffibuilder = cffi.FFI()
-ffibuilder.cdef(CDEF)
-ffibuilder.set_source(
-    "scatterlist._sg",
-    '#include "sl_common.h"\n#include "physmem.h"\n#include "scatterlist.h"\n#include "dma.h"\n',
-    sources=C_SOURCES,
-    include_dirs=["csrc"],
-    depends=C_HEADERS,
-    extra_compile_args=["-std=c11", "-O2", "-Wall", "-Wextra"],
-)
+COMPILE_ARGS = ["-std=c11", "-O2", "-Wall", "-Wextra"]
+
+
+def make_ffibuilder(
+    root: str = "", extra_compile_args: Sequence[str] = (), extra_link_args: Sequence[str] = ()
+) -> cffi.FFI:
+    """The builder of ``scatterlist._sg``.  ``root`` prefixes the source paths (empty for
+    setuptools, which runs from the project root; a directory for builds made elsewhere, such
+    as the AddressSanitizer build of ``tests/reliability/asan_suite.py``)."""
+    builder = cffi.FFI()
+    builder.cdef(CDEF)
+    builder.set_source(
+        "scatterlist._sg",
+        '#include "sl_common.h"\n#include "physmem.h"\n#include "scatterlist.h"\n'
+        '#include "dma.h"\n',
+        sources=[os.path.join(root, path) for path in C_SOURCES],
+        include_dirs=[os.path.join(root, "csrc")],
+        depends=[os.path.join(root, path) for path in C_HEADERS],
+        extra_compile_args=COMPILE_ARGS + list(extra_compile_args),
+        extra_link_args=list(extra_link_args),
+    )
+    return builder
+
+
+ffibuilder = make_ffibuilder()
 
 if __name__ == "__main__":
     ffibuilder.compile(verbose=True)
