@@ -15,7 +15,12 @@ from typing import Dict, Set
 
 import pytest
 
+import scatterlist
+
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "scatterlist"
+#: Where the package is imported from (the source tree in editable mode, site-packages after
+#: ``pip install .``, where the built extension is).
+INSTALLED = Path(scatterlist.__file__).resolve().parent
 
 LAYERS = [
     ["errors"],
@@ -138,7 +143,7 @@ def test_module_imports_alone(module: str):
         "import importlib, sys, types\n"
         f"for name in {stubs!r}:\n"
         "    pkg = types.ModuleType(name)\n"
-        f"    pkg.__path__ = [{str(PACKAGE)!r} + name[len('scatterlist'):].replace('.', '/')]\n"
+        f"    pkg.__path__ = [{str(INSTALLED)!r} + name[len('scatterlist'):].replace('.', '/')]\n"
         "    sys.modules[name] = pkg\n"
         f"importlib.import_module('scatterlist.{module}')\n"
         "loaded = sorted(m for m in sys.modules if m.startswith('scatterlist.'))\n"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import threading
 from array import array
 from typing import Any, Callable
 
@@ -449,3 +450,55 @@ def test_garbage_collection_never_waits_on_a_call(engine: str) -> None:
         assert copier.result() == b"x" * PAGE
     assert life.destroyed  # torn down by the call that left last
     assert table.closed
+
+
+def test_safety_nets_run_inside_a_locked_section_of_the_same_thread(engine: str) -> None:
+    """The collector can run a safety net at any allocation, also while this thread is inside
+    one of the package's own locked sections: the nets must not wait on those locks (a Pages
+    net unpinning its memory while the memory's condition is held; a table net forgetting its
+    mapping while the device's state lock is held)."""
+    mem = sg.PhysicalMemory(4 << 20, engine=engine)
+    dev = sg.Device(mem, sg.Iommu(mem))
+    pages = mem.alloc_pages(2)
+    table = sg.alloc_table_from_pages([9, 11], engine=engine)
+    sg.dma_map_sgtable(dev, table, Dir.TO_DEVICE)
+
+    def collect_inside_locks() -> None:
+        with mem._life._cond:
+            pages._finalizer()  # what the collector does to dropped Pages
+        with dev._state.lock, pytest.warns(ResourceWarning):
+            table._finalizer()  # a dropped, still mapped table
+
+    InThread(collect_inside_locks, "collector").result(10)
+    assert pages.closed and table.closed and dev.live_mappings == 0
+    assert mem.free_pages == mem.n_pages
+
+
+def test_an_owned_tables_safety_net_never_waits_for_its_table(engine: str) -> None:
+    """An SGTable dropped while another thread holds its table (a revocation in progress):
+    the safety net returns at once; the table's last user unmaps and frees the entries, and
+    only then do the pages go back."""
+    mem = sg.PhysicalMemory(4 << 20, engine=engine)
+    iommu = sg.Iommu(mem)
+    dev = sg.Device(mem, iommu)
+    owned = sg.SGTable.new(dev, mem.alloc_pages(3), Dir.TO_DEVICE)
+    raw_life = owned._raw._life
+    holding, let_go = threading.Event(), threading.Event()
+
+    def hold_the_table() -> None:
+        with raw_life.hold():
+            holding.set()
+            let_go.wait(10)
+
+    holder = InThread(hold_the_table, "holder")
+    assert holding.wait(5)
+    net = owned._finalizer
+    del owned
+    returned = InThread(net, "collector")
+    assert not returned.running_after(BLOCKED), "the safety net waited for the table"
+    assert iommu.mapped_pages == 3 and mem.free_pages == mem.n_pages - 3  # nothing freed yet
+    with pytest.warns(ResourceWarning, match="SGTable dropped while DMA-mapped"):
+        let_go.set()
+        holder.result()
+    assert iommu.mapped_pages == 0 and mem.free_pages == mem.n_pages
+    assert dev.live_mappings == 0

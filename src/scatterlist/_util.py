@@ -12,7 +12,7 @@ import threading
 import weakref
 from array import array
 from collections import Counter
-from typing import Any, Callable, Dict, Iterable, Optional, Union
+from typing import Any, Callable, Dict, Iterable, Optional, Tuple, Union
 
 from .errors import BusyError, ClosedError, InvalidArgument, Reason, error_for
 
@@ -154,6 +154,7 @@ class Lifetime:
         "_pins",
         "_mutex",
         "_holder",
+        "_closer",
         "__weakref__",
     )
 
@@ -163,13 +164,16 @@ class Lifetime:
         self.what = what
         self.handle = handle
         self._teardown = teardown
-        self._cond = threading.Condition(threading.Lock())
+        # Re-entrant: a safety net the garbage collector runs inside one of these sections
+        # (say, Pages unpinning this memory) takes it again on the same thread.
+        self._cond = threading.Condition(threading.RLock())
         self._state = _OPEN
         self._calls = 0  # calls in flight, and hold()s
         self._callers: Dict[int, int] = {}  # thread -> calls it has in flight
         self._pins: "Counter[str]" = Counter()
         self._mutex: Optional[threading.Lock] = threading.Lock() if exclusive else None
         self._holder: Optional[int] = None  # the thread holding the mutex
+        self._closer: Optional[int] = None  # the thread running close()
         _fork_registry.add(self)
 
     # -- state ------------------------------------------------------------------------
@@ -244,10 +248,11 @@ class Lifetime:
 
     # -- pins -------------------------------------------------------------------------
     def pin(self, kind: str) -> None:
-        """A dependent of ``kind`` now points at this object.  ClosedError once closed
-        (calls already in flight may still pin while a close waits for them)."""
+        """A dependent of ``kind`` now points at this object (the caller is in a call on it,
+        which may still pin while a close or a release waits for it).  ClosedError once the
+        object is destroyed."""
         with self._cond:
-            if self._state is not _OPEN and self._state is not _CLOSING:
+            if self._state is _DONE:
                 raise ClosedError(f"{self.what} is closed")
             self._pins[kind] += 1
 
@@ -266,11 +271,15 @@ class Lifetime:
                     self._mutex.release()
 
     # -- ending -----------------------------------------------------------------------
-    def close(self, prepare: Optional[Callable[[Any], None]] = None) -> bool:
+    def close(
+        self, prepare: Optional[Callable[[Any], None]] = None, revocable: Tuple[str, ...] = ()
+    ) -> bool:
         """Close: refuse, or wait for the calls in flight and tear down.  ``prepare`` runs
         once no call is in flight and none can start, before the teardown: it may raise to
-        refuse (the object stays open) or do the owner's part of the closing.  Returns True
-        when this call did the teardown (False: it was already closed or released)."""
+        refuse (the object stays open) or do the owner's part of the closing, such as
+        releasing the dependents of the ``revocable`` kinds, whose pins do not refuse the
+        close up front (a device's DMA mappings).  Returns True when this call did the
+        teardown (False: it was already closed or released)."""
         tid = threading.get_ident()
         with self._cond:
             while True:
@@ -285,8 +294,9 @@ class Lifetime:
                 if self._state is _OPEN:
                     break
                 self._cond.wait()  # another thread is closing it: wait for the outcome
-            self._refuse_if_pinned()
+            self._refuse_if_pinned(revocable)
             self._state = _CLOSING
+            self._closer = tid
             while self._calls and self._mutex is None:
                 self._cond.wait()
         if self._mutex is not None:
@@ -294,9 +304,11 @@ class Lifetime:
             self._holder = tid
         try:
             with self._cond:
-                self._refuse_if_pinned()  # calls that were in flight may have pinned it
+                self._refuse_if_pinned(revocable)  # calls in flight may have pinned it
             if prepare is not None:
                 prepare(self.handle)
+            with self._cond:
+                self._refuse_if_pinned()  # prepare released the revocable ones
             self._teardown(self.handle, True)
         except BaseException:
             with self._cond:
@@ -328,9 +340,10 @@ class Lifetime:
                     self._mutex.release()
 
     # -- internals ----------------------------------------------------------------------
-    def _refuse_if_pinned(self) -> None:
-        if self._pins:
-            by = ", ".join(f"{count} {kind}" for kind, count in sorted(self._pins.items()))
+    def _refuse_if_pinned(self, ignore: Tuple[str, ...] = ()) -> None:
+        pins = sorted((kind, count) for kind, count in self._pins.items() if kind not in ignore)
+        if pins:
+            by = ", ".join(f"{count} {kind}" for kind, count in pins)
             raise BusyError(f"{self.what}.close: still in use by {by}; close them first")
 
     def _take_teardown(self, need_mutex: bool = False) -> bool:
@@ -352,14 +365,21 @@ class Lifetime:
             _report_unraisable(exc, f"the safety net of {self.what}")
 
     def _reinit_after_fork(self) -> None:
-        """In a forked child: the threads that held locks or had calls in flight are gone."""
-        self._cond = threading.Condition(threading.Lock())
+        """In a forked child: the other threads, with their calls in flight and the locks
+        they held, are gone; the forking thread's own calls (a fork from inside a call) go
+        on."""
+        tid = threading.get_ident()
+        mine = self._callers.get(tid, 0)
+        self._cond = threading.Condition(threading.RLock())
+        self._callers = {tid: mine} if mine else {}
+        self._calls = mine
         if self._mutex is not None:
             self._mutex = threading.Lock()
-        self._holder = None
-        self._calls = 0
-        self._callers = {}
-        if self._state is _CLOSING:
+            if self._holder == tid:
+                self._mutex.acquire()
+            else:
+                self._holder = None
+        if self._state is _CLOSING and self._closer != tid:
             self._state = _OPEN  # its closer was another thread: the child may close it
 
 

@@ -131,7 +131,9 @@ class Mapping:
 class _DeviceState:
     """What a device's calls and its teardown share, without a reference to the ``Device``
     (so that a dropped device can be collected): its lifetime, the lifetimes it pins, and its
-    live mappings (``lock`` guards them and the bound state's changes)."""
+    live mappings (``lock`` guards them and the bound state's changes).  Each live mapping pins
+    the device ("mapping"): the device is destroyed only after its last mapping is undone,
+    whatever order the garbage collector runs the safety nets in."""
 
     def __init__(
         self,
@@ -144,7 +146,9 @@ class _DeviceState:
         self.engine = engine
         self.memory_life = memory_life
         self.iommu_life = iommu_life
-        self.lock = threading.Lock()
+        # Re-entrant: a safety net the collector runs while this thread holds it (a mapping
+        # being forgotten) takes it again.
+        self.lock = threading.RLock()
         self.limits_lock = threading.Lock()
         self.mappings: Dict[int, Mapping] = {}  # id -> mapping, oldest first
         self.life = Lifetime(f"Device {name!r}", handle, self._teardown)
@@ -155,11 +159,14 @@ class _DeviceState:
         with self.lock:
             if mapping.devres and not self.engine.device_bound(self.life.handle):
                 raise error_for(errno.ENODEV, Reason.DEVICE_UNBOUND)
+            self.life.pin("mapping")  # (the caller is in a call on the device)
             self.mappings[id(mapping)] = mapping
 
     def forget(self, mapping: Mapping) -> None:
         with self.lock:
-            self.mappings.pop(id(mapping), None)
+            registered = self.mappings.pop(id(mapping), None) is not None
+        if registered:
+            self.life.unpin("mapping")
 
     def live(self, *, devres: Optional[bool] = None) -> List[Mapping]:
         with self.lock:
@@ -189,10 +196,9 @@ class _DeviceState:
         return released
 
     def _teardown(self, handle: Any, by_owner: bool) -> None:
-        """The device goes: every mapping still live is undone first (close() revoked the
-        owned ones and refused hand-made ones; a collected device may still have both)."""
+        """The device goes, its last mapping undone (close() revoked the owned ones and
+        refused hand-made ones; a collected device waits for its mappings' safety nets)."""
         try:
-            self.revoke(self.live())
             self.engine.device_destroy(handle)
         finally:
             self.memory_life.unpin("Device")
@@ -541,7 +547,7 @@ class Device:
             if dma_debug.mode_of(self) != "off":
                 findings.extend(dma_debug.check_unbind(self))
 
-        if self._life.close(prepare):
+        if self._life.close(prepare, revocable=("mapping",)):
             try:
                 dma_debug.deliver(self, findings)
             except dma_debug.DmaApiError:

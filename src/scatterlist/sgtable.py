@@ -49,31 +49,30 @@ class _OwnedTeardown:
     """The drop order of ``SGTable<Owned<P>>``: unmap (unless unbind did), free the entries,
     give the pages back.  It holds what it releases, not the SGTable."""
 
-    __slots__ = ("mapping", "raw_life", "pages_life")
+    __slots__ = ("mapping", "raw_life", "raw_state", "pages_life")
 
-    def __init__(self, mapping: Mapping, raw_life: Lifetime, pages_life: Lifetime) -> None:
+    def __init__(self, mapping: Mapping, raw: RawTable, pages_life: Lifetime) -> None:
         self.mapping = mapping
-        self.raw_life = raw_life
+        self.raw_life = raw._life
+        self.raw_state = raw._state
         self.pages_life = pages_life
 
     def __call__(self, handle: Any, by_owner: bool) -> None:
-        report = None
+        if not by_owner:
+            # The safety net never waits: the table's own teardown unmaps (reporting the
+            # leak) and frees the entries, now or when the last user of the table leaves;
+            # the pages go after it.
+            self.raw_state.after_teardown(self.pages_life.release)
+            self.raw_life.release()
+            return
         try:
             with self.raw_life.hold() as table_handle:
-                report = self.mapping.end(table_handle, leaked=None if by_owner else "SGTable")
+                self.mapping.end(table_handle)
         finally:
             try:
-                if by_owner:
-                    self.raw_life.close()
-                else:
-                    self.raw_life.release()
+                self.raw_life.close()
             finally:
-                if by_owner:
-                    self.pages_life.close()
-                else:
-                    self.pages_life.release()
-        if report is not None:
-            report()
+                self.pages_life.close()
 
 
 class SGTable(Generic[S]):
@@ -164,7 +163,7 @@ class SGTable(Generic[S]):
             table._device = dev
             table._direction = DataDirection(dir_value)
             table._mapping = mapping
-            table._life = Lifetime("SGTable", None, _OwnedTeardown(mapping, raw._life, pages._life))
+            table._life = Lifetime("SGTable", None, _OwnedTeardown(mapping, raw, pages._life))
             table._finalizer = weakref.finalize(table, table._life.release)
             pages._give_to(table)
         return table

@@ -12,6 +12,7 @@ small :class:`TableAttachment` protocol, and the table undoes it before freeing 
 
 from __future__ import annotations
 
+import threading
 import weakref
 from array import array
 from typing import Any, Callable, Iterator, List, Optional, Protocol
@@ -54,6 +55,8 @@ class TableState:
         "mapping",
         "life",
         "owner",
+        "_after",
+        "_after_lock",
         "__weakref__",
     )
 
@@ -65,14 +68,26 @@ class TableState:
         self.owner = "RawTable"  # what owns the table, for leak reports ("SGTable")
         self.mapping: Optional[TableAttachment] = None
         self.life = Lifetime("RawTable", handle, self._teardown, exclusive=True)
+        self._after: Optional[List[Callable[[], None]]] = []  # None once torn down
+        self._after_lock = threading.Lock()
 
     def changed(self, why: str) -> None:
         """Entries and iterators read before now are stale (``why`` tells them how)."""
         self.epoch += 1
         self.last_change = why
 
+    def after_teardown(self, release: Callable[[], None]) -> None:
+        """Run ``release`` once the table is torn down (at once if it is): an owner's safety
+        net frees what must go after the entries (the pages) this way, without waiting."""
+        with self._after_lock:
+            waiting = self._after
+            if waiting is not None:
+                waiting.append(release)
+                return
+        release()
+
     def _teardown(self, handle: Any, by_owner: bool) -> None:
-        """The drop order: the DMA mapping first, then the entries."""
+        """The drop order: the DMA mapping first, then the entries, then what waits on them."""
         report = None
         mapping = self.mapping
         try:
@@ -81,6 +96,10 @@ class TableState:
         finally:
             self.changed("it was closed")
             self.engine.table_destroy(handle)
+            with self._after_lock:
+                after, self._after = self._after or [], None
+            for release in after:
+                release()
         if report is not None:
             report()
 
