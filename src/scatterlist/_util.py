@@ -122,9 +122,9 @@ class Lifetime:
     * **Calls** enter it, after converting their arguments: ``with life as handle: ...``.
       Entering raises ClosedError once the object is closed.  A *shared* object (one whose
       engine side has its own locks) counts its calls in flight; an *exclusive* one (a table,
-      whose engine side is not thread-safe) also takes its mutex, so its calls run one at a
+      whose engine side is not thread-safe) takes its mutex instead, so its calls run one at a
       time.  A call that uses several objects enters them in one order: memory, IOMMU,
-      device, table.  Entering never waits for a close.
+      device, table.  Entering never waits for a close (only for a table's call in flight).
     * **Pins** are dependents whose engine side points at this one (a device on a memory):
       while pinned, the object is not destroyed and ``close()`` refuses with BusyError.
     * ``close()`` is idempotent, also when threads race on it (the later ones wait for the
@@ -141,6 +141,10 @@ class Lifetime:
 
     The teardown runs exactly once, as ``teardown(handle, by_owner)``: ``by_owner`` is True for
     ``close()`` and False when the owner was dropped without closing.
+
+    Locking: ``_cond`` (re-entrant, so that a safety net the collector runs inside one of these
+    sections may take it again) guards the state, the counts and the pins.  An exclusive
+    object's calls are counted by its mutex alone: ``_holder`` is the thread holding it.
     """
 
     __slots__ = (
@@ -164,15 +168,13 @@ class Lifetime:
         self.what = what
         self.handle = handle
         self._teardown = teardown
-        # Re-entrant: a safety net the garbage collector runs inside one of these sections
-        # (say, Pages unpinning this memory) takes it again on the same thread.
         self._cond = threading.Condition(threading.RLock())
         self._state = _OPEN
-        self._calls = 0  # calls in flight, and hold()s
-        self._callers: Dict[int, int] = {}  # thread -> calls it has in flight
+        self._calls = 0  # a shared object's calls in flight
+        self._callers: Dict[int, int] = {}  # thread -> its calls in flight (shared)
         self._pins: "Counter[str]" = Counter()
         self._mutex: Optional[threading.Lock] = threading.Lock() if exclusive else None
-        self._holder: Optional[int] = None  # the thread holding the mutex
+        self._holder: Optional[int] = None  # the thread holding the mutex (exclusive)
         self._closer: Optional[int] = None  # the thread running close()
         _fork_registry.add(self)
 
@@ -193,6 +195,9 @@ class Lifetime:
                 f"{count} {kind}" for kind, count in sorted(self._pins.items()) if count
             )
 
+    def _in_call_on_this_thread(self, tid: int) -> bool:
+        return self._holder == tid if self._mutex is not None else tid in self._callers
+
     # -- calls ------------------------------------------------------------------------
     def __enter__(self) -> Any:
         tid = threading.get_ident()
@@ -204,43 +209,63 @@ class Lifetime:
                     f"(a callback re-entering it)"
                 )
             mutex.acquire()
+            # A close sets "closing" and then waits for this mutex; a release may come while
+            # the call runs, and then the call tears down when it leaves (__exit__).
+            if self._state is _OPEN:
+                self._holder = tid
+                return self.handle
+            self._holder = tid
+            self._exit_exclusive()
+            raise ClosedError(f"{self.what} is closed")
         with self._cond:
             if self._state is _OPEN:
                 self._calls += 1
                 self._callers[tid] = self._callers.get(tid, 0) + 1
-                if mutex is not None:
-                    self._holder = tid
                 return self.handle
-            # Closed.  An exclusive object released while this thread waited for its mutex
-            # is this thread's to tear down (see release()).
-            run = self._take_teardown()
-        try:
-            if run:
-                self._run_teardown(False)
-        finally:
-            if mutex is not None:
-                mutex.release()
         raise ClosedError(f"{self.what} is closed")
 
     def __exit__(self, *exc: object) -> None:
+        if self._mutex is not None:
+            self._exit_exclusive()
+            return
         tid = threading.get_ident()
         with self._cond:
             self._calls -= 1
-            depth = self._callers[tid] - 1
-            if depth:
+            depth = self._callers.get(tid, 1) - 1
+            if depth > 0:
                 self._callers[tid] = depth
             else:
-                del self._callers[tid]
-            if self._mutex is not None:
-                self._holder = None
+                self._callers.pop(tid, None)
+            if self._state is _OPEN:
+                return
             run = self._take_teardown()
-            self._cond.notify_all()
+            if self._state is _CLOSING and not self._calls:
+                self._cond.notify_all()  # the closer waits for the last call
+        if run:
+            self._run_teardown(False)
+
+    def _exit_exclusive(self) -> None:
+        """Leave an exclusive object (its mutex held): a release that came meanwhile found
+        the mutex taken, so the teardown is this thread's (or the next holder's)."""
+        self._holder = None
+        assert self._mutex is not None
+        self._mutex.release()
+        if self._state is _RELEASED:  # read after letting go: see release()
+            self._tear_down_exclusive()
+
+    def _tear_down_exclusive(self) -> None:
+        """Tear a released exclusive object down if its mutex is free (else its holder will,
+        when it leaves)."""
+        assert self._mutex is not None
+        if not self._mutex.acquire(blocking=False):
+            return
         try:
+            with self._cond:
+                run = self._take_teardown()
             if run:
                 self._run_teardown(False)
         finally:
-            if self._mutex is not None:
-                self._mutex.release()
+            self._mutex.release()
 
     def hold(self) -> "_Hold":
         """For an exclusive object's dependents: take its mutex whatever its state."""
@@ -261,14 +286,11 @@ class Lifetime:
             self._pins[kind] -= 1
             if not self._pins[kind]:
                 del self._pins[kind]
-            run = self._take_teardown(need_mutex=True)
-            self._cond.notify_all()
+            run = self._mutex is None and self._take_teardown()
         if run:
-            try:
-                self._run_teardown(False)
-            finally:
-                if self._mutex is not None:
-                    self._mutex.release()
+            self._run_teardown(False)
+        elif self._mutex is not None and self._state is _RELEASED:
+            self._tear_down_exclusive()
 
     # -- ending -----------------------------------------------------------------------
     def close(
@@ -285,7 +307,7 @@ class Lifetime:
             while True:
                 if self._state is _DONE or self._state is _RELEASED:
                     return False
-                if tid in self._callers:
+                if self._in_call_on_this_thread(tid):
                     raise BusyError(
                         f"{self.what}.close() was called from inside a call on "
                         f"the same object (a callback?): that call would go on "
@@ -297,7 +319,7 @@ class Lifetime:
             self._refuse_if_pinned(revocable)
             self._state = _CLOSING
             self._closer = tid
-            while self._calls and self._mutex is None:
+            while self._calls:
                 self._cond.wait()
         if self._mutex is not None:
             self._mutex.acquire()  # the call in flight, if any, finishes first
@@ -313,6 +335,7 @@ class Lifetime:
         except BaseException:
             with self._cond:
                 self._state = _OPEN
+                self._closer = None
                 self._cond.notify_all()
             raise
         finally:
@@ -321,6 +344,7 @@ class Lifetime:
                 self._mutex.release()
         with self._cond:
             self._state = _DONE
+            self._closer = None
             self._cond.notify_all()
         return True
 
@@ -331,13 +355,13 @@ class Lifetime:
             if self._state is not _OPEN:
                 return
             self._state = _RELEASED
-            run = self._take_teardown(need_mutex=True)
+            run = self._mutex is None and self._take_teardown()
         if run:
-            try:
-                self._run_teardown(False)
-            finally:
-                if self._mutex is not None:
-                    self._mutex.release()
+            self._run_teardown(False)
+        elif self._mutex is not None:
+            # Set "released" first, then try the mutex: a holder reads the state after
+            # letting go of it, so one of the two always sees the other.
+            self._tear_down_exclusive()
 
     # -- internals ----------------------------------------------------------------------
     def _refuse_if_pinned(self, ignore: Tuple[str, ...] = ()) -> None:
@@ -346,14 +370,10 @@ class Lifetime:
             by = ", ".join(f"{count} {kind}" for kind, count in pins)
             raise BusyError(f"{self.what}.close: still in use by {by}; close them first")
 
-    def _take_teardown(self, need_mutex: bool = False) -> bool:
+    def _take_teardown(self) -> bool:
         """Under the condition: True (and the state becomes done) when this thread must run
-        a released object's teardown now.  With ``need_mutex`` the caller does not hold an
-        exclusive object's mutex, and gets it here without waiting (a holder that exists
-        will run the teardown when it leaves)."""
+        a released object's teardown now (an exclusive object's caller holds its mutex)."""
         if self._state is not _RELEASED or self._calls or self._pins:
-            return False
-        if need_mutex and self._mutex is not None and not self._mutex.acquire(blocking=False):
             return False
         self._state = _DONE
         return True
@@ -381,10 +401,11 @@ class Lifetime:
                 self._holder = None
         if self._state is _CLOSING and self._closer != tid:
             self._state = _OPEN  # its closer was another thread: the child may close it
+            self._closer = None
 
 
 class _Hold:
-    """``Lifetime.hold()``: the mutex of an exclusive object, counted like a call."""
+    """``Lifetime.hold()``: an exclusive object's mutex, whatever its state."""
 
     __slots__ = ("_life",)
 
@@ -393,20 +414,16 @@ class _Hold:
 
     def __enter__(self) -> Any:
         life = self._life
+        assert life._mutex is not None, "hold() is for exclusive objects"
         tid = threading.get_ident()
-        if life._mutex is not None:
-            if life._holder == tid:
-                raise BusyError(f"{life.what} is already in use by a call on this thread")
-            life._mutex.acquire()
-        with life._cond:
-            life._calls += 1
-            life._callers[tid] = life._callers.get(tid, 0) + 1
-            if life._mutex is not None:
-                life._holder = tid
+        if life._holder == tid:
+            raise BusyError(f"{life.what} is already in use by a call on this thread")
+        life._mutex.acquire()
+        life._holder = tid
         return life.handle
 
     def __exit__(self, *exc: object) -> None:
-        self._life.__exit__()
+        self._life._exit_exclusive()
 
 
 def _report_unraisable(exc: BaseException, where: str) -> None:

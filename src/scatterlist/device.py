@@ -53,9 +53,9 @@ def check_limits(
 class Mapping:
     """One live DMA mapping of a table for a device: what undoing it takes, and whether that
     happened.  It is attached to its table (which undoes it before freeing its entries) and
-    registered with its device (which undoes the owned ones at unbind, and all of them if the
-    device is collected first); whichever comes first undoes it, once, under the table's
-    mutex.  It holds the device, so the device outlives it."""
+    registered with its device (which undoes the owned ones at unbind and close); whichever
+    comes first undoes it, once, under the table's mutex.  While live it pins the device, so
+    the device is destroyed only after it."""
 
     __slots__ = (
         "device",
