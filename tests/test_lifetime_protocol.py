@@ -11,12 +11,13 @@ race every time.
 
 from __future__ import annotations
 
+import gc
 import subprocess
 import sys
 import textwrap
 import threading
 from array import array
-from typing import Any, Callable
+from typing import Any, Callable, List
 
 import pytest
 from helpers import PAGE, EngineHook, InThread, Pause
@@ -502,3 +503,123 @@ def test_an_owned_tables_safety_net_never_waits_for_its_table(engine: str) -> No
         holder.result()
     assert iommu.mapped_pages == 0 and mem.free_pages == mem.n_pages
     assert dev.live_mappings == 0
+
+
+# -- user code reached through argument objects, and the collector -----------------------------
+
+
+class LoudName(str):
+    """A device name whose methods run user code (here: they count, and close a table)."""
+
+    calls = 0
+    victim: Any = None
+
+    def __repr__(self) -> str:
+        LoudName.calls += 1
+        if LoudName.victim is not None:
+            LoudName.victim.close()
+        return "'loud'"
+
+    __str__ = __repr__
+
+
+def test_string_arguments_are_copied_to_plain_str(engine: str) -> None:
+    """A str subclass given as a name (or a debug mode) is copied to a plain str: none of its
+    methods runs later, inside a call (a repr that closed the table its error message named
+    used to run inside RawTable.close)."""
+    mem = sg.PhysicalMemory(1 << 20, engine=engine)
+    dev = sg.Device(mem, sg.Iommu(mem), name=LoudName("nic"), debug=LoudName("warn"))
+    table = sg.alloc_table_from_pages([1, 3], engine=engine)
+    sg.dma_map_sgtable(dev, table, Dir.TO_DEVICE)
+    LoudName.victim = table
+    try:
+        with pytest.raises(sg.BusyError, match="mapped for device 'nic'"):
+            table.close()
+        assert type(dev.name) is str and type(dev.debug) is str and repr(dev)
+    finally:
+        LoudName.victim = None
+    assert LoudName.calls == 0
+    sg.dma_unmap_sgtable(dev, table, Dir.TO_DEVICE)
+    table.close()
+
+
+class CountingInt(int):
+    """An int subclass whose operators run user code."""
+
+    calls = 0
+
+    def _count(self, *args: Any) -> Any:
+        CountingInt.calls += 1
+        return NotImplemented
+
+    __eq__ = __lt__ = __le__ = __gt__ = __ge__ = __and__ = __add__ = __sub__ = _count
+    __hash__ = int.__hash__
+
+
+def test_int_subclass_arguments_become_plain_ints(engine: str) -> None:
+    mem = sg.PhysicalMemory(1 << 20, engine=engine)
+    mem.write(CountingInt(8), b"abc")
+    assert mem.read(CountingInt(8), CountingInt(3)) == b"abc"
+    table = sg.alloc_table_from_pages([CountingInt(2), 4], offset=CountingInt(8), engine=engine)
+    assert [e.pfn for e in table] == [2, 4] and table.page_pfns(CountingInt(1)).tolist() == [4]
+    assert CountingInt.calls == 0
+
+
+class Reentrant:
+    """In a reference cycle, so that the collector frees it at some allocation, possibly
+    inside a call on ``table``; its __del__ then calls into that table."""
+
+    outcomes: List[str] = []
+
+    def __init__(self, table: sg.RawTable) -> None:
+        self.table = table
+        self.me = self
+
+    def __del__(self) -> None:
+        try:
+            self.table.counts()
+            Reentrant.outcomes.append("ok")
+        except sg.BusyError:
+            Reentrant.outcomes.append("busy")  # refused: it was inside a call on the table
+
+
+def test_collector_reentering_a_table_from_del_never_deadlocks(engine: str) -> None:
+    table = sg.alloc_table_from_pages([1, 2, 3], engine=engine)
+    old = gc.get_threshold()
+    gc.set_threshold(20)
+    try:
+
+        def churn() -> None:
+            for _ in range(3000):
+                Reentrant(table)
+                table.counts()
+                table.entries()
+
+        InThread(churn, "churn").result(60)
+    finally:
+        gc.set_threshold(*old)
+        gc.collect()
+    assert Reentrant.outcomes and set(Reentrant.outcomes) <= {"ok", "busy"}
+
+
+def test_pages_collected_inside_the_allocator_never_deadlock(engine: str) -> None:
+    """Pages dropped in reference cycles are collected at allocations, some inside the
+    engine's allocator (the model's memory lock held): their safety nets wait for the
+    thread's call to leave the package, then free."""
+    mem = sg.PhysicalMemory(1 << 28, engine=engine)
+    old = gc.get_threshold()
+    gc.set_threshold(50)
+    try:
+
+        def churn() -> None:
+            for _ in range(2000):
+                pages = mem.alloc_pages(32)
+                pages.cycle = pages  # type: ignore[attr-defined]
+                del pages
+
+        InThread(churn, "churn").result(60)
+    finally:
+        gc.set_threshold(*old)
+    gc.collect()
+    assert mem.free_pages == mem.n_pages
+    mem.close()

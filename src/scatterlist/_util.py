@@ -7,12 +7,13 @@ the objects it uses, through their :class:`Lifetime`.
 
 from __future__ import annotations
 
+import operator
 import os
 import threading
 import weakref
 from array import array
 from collections import Counter
-from typing import Any, Callable, Dict, Iterable, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 from .errors import BusyError, ClosedError, InvalidArgument, Reason, error_for
 
@@ -26,16 +27,24 @@ PfnsLike = Union[Iterable[int], memoryview, "array[int]", Any]
 
 
 def require_int(name: str, value: object) -> int:
-    """``value`` as an int (through ``__index__``, as ``operator.index`` does); TypeError for
-    anything else, bools included."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        index = getattr(value, "__index__", None)
-        if index is None or isinstance(value, bool):
-            raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-        value = index()
-        if not isinstance(value, int):
-            raise TypeError(f"{name}: __index__ returned {type(value).__name__}, not int")
-    return value
+    """``value`` as an exact int (through ``__index__``, as ``operator.index`` does);
+    TypeError for anything else, bools included.  An int subclass comes back as a plain int,
+    so that no user method (``__eq__``, ``__and__``...) runs later, inside a call."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, not bool")
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        if hasattr(type(value), "__index__"):
+            raise TypeError(f"{name}: __index__ did not return an int") from None
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}") from None
+
+
+def require_str(name: str, value: object) -> str:
+    """``value`` as an exact str, without running a subclass's methods."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, not {type(value).__name__}")
+    return str.__str__(value)
 
 
 def require_range(
@@ -98,6 +107,35 @@ def as_pfn_view(pfns: PfnsLike, name: str = "pfns") -> memoryview:
 
 # -- the lifetime protocol -------------------------------------------------------------------
 
+#: Per thread, ``state = [depth, put_off]``: how deep the thread is inside the package (calls,
+#: holds, closes, teardowns), and the safety nets put off until it leaves (Lifetime.release).
+_local = threading.local()
+
+
+def _thread_state() -> List[Any]:
+    try:
+        state: List[Any] = _local.state
+    except AttributeError:
+        state = _local.state = [0, []]
+    return state
+
+
+def _enter_package() -> None:
+    try:
+        _local.state[0] += 1
+    except AttributeError:
+        _local.state = [1, []]
+
+
+def _leave_package() -> None:
+    state = _local.state
+    state[0] -= 1
+    if not state[0]:
+        put_off = state[1]
+        while put_off:
+            put_off.pop(0)()  # a put-off release(), now outside every package lock
+
+
 _OPEN = "open"
 _CLOSING = "closing"  # close() is waiting for the calls in flight
 _RELEASED = "released"  # the owner is gone; destroyed once the last call and pin are
@@ -144,7 +182,7 @@ class Lifetime:
 
     Locking: ``_cond`` (re-entrant, so that a safety net the collector runs inside one of these
     sections may take it again) guards the state, the counts and the pins.  An exclusive
-    object's calls are counted by its mutex alone: ``_holder`` is the thread holding it.
+    object's calls are counted by its mutex alone.
     """
 
     __slots__ = (
@@ -157,7 +195,6 @@ class Lifetime:
         "_callers",
         "_pins",
         "_mutex",
-        "_holder",
         "_closer",
         "__weakref__",
     )
@@ -173,8 +210,9 @@ class Lifetime:
         self._calls = 0  # a shared object's calls in flight
         self._callers: Dict[int, int] = {}  # thread -> its calls in flight (shared)
         self._pins: "Counter[str]" = Counter()
-        self._mutex: Optional[threading.Lock] = threading.Lock() if exclusive else None
-        self._holder: Optional[int] = None  # the thread holding the mutex (exclusive)
+        # Re-entrant only so that its owner can be told atomically (a call re-entering the
+        # object, from a callback or a safety net, is refused, never waited for).
+        self._mutex: Optional["threading.RLock"] = threading.RLock() if exclusive else None
         self._closer: Optional[int] = None  # the thread running close()
         _fork_registry.add(self)
 
@@ -196,14 +234,15 @@ class Lifetime:
             )
 
     def _in_call_on_this_thread(self, tid: int) -> bool:
-        return self._holder == tid if self._mutex is not None else tid in self._callers
+        if self._mutex is not None:
+            return bool(self._mutex._is_owned())  # type: ignore[attr-defined]
+        return tid in self._callers
 
     # -- calls ------------------------------------------------------------------------
     def __enter__(self) -> Any:
-        tid = threading.get_ident()
         mutex = self._mutex
         if mutex is not None:
-            if self._holder == tid:
+            if mutex._is_owned():  # type: ignore[attr-defined]
                 raise BusyError(
                     f"{self.what} is already in use by a call on this thread "
                     f"(a callback re-entering it)"
@@ -212,42 +251,45 @@ class Lifetime:
             # A close sets "closing" and then waits for this mutex; a release may come while
             # the call runs, and then the call tears down when it leaves (__exit__).
             if self._state is _OPEN:
-                self._holder = tid
+                _enter_package()
                 return self.handle
-            self._holder = tid
             self._exit_exclusive()
             raise ClosedError(f"{self.what} is closed")
+        tid = threading.get_ident()
         with self._cond:
             if self._state is _OPEN:
                 self._calls += 1
                 self._callers[tid] = self._callers.get(tid, 0) + 1
+                _enter_package()
                 return self.handle
         raise ClosedError(f"{self.what} is closed")
 
     def __exit__(self, *exc: object) -> None:
-        if self._mutex is not None:
-            self._exit_exclusive()
-            return
-        tid = threading.get_ident()
-        with self._cond:
-            self._calls -= 1
-            depth = self._callers.get(tid, 1) - 1
-            if depth > 0:
-                self._callers[tid] = depth
-            else:
-                self._callers.pop(tid, None)
-            if self._state is _OPEN:
+        try:
+            if self._mutex is not None:
+                self._exit_exclusive()
                 return
-            run = self._take_teardown()
-            if self._state is _CLOSING and not self._calls:
-                self._cond.notify_all()  # the closer waits for the last call
-        if run:
-            self._run_teardown(False)
+            tid = threading.get_ident()
+            with self._cond:
+                self._calls -= 1
+                depth = self._callers.get(tid, 1) - 1
+                if depth > 0:
+                    self._callers[tid] = depth
+                else:
+                    self._callers.pop(tid, None)
+                if self._state is _OPEN:
+                    return
+                run = self._take_teardown()
+                if self._state is _CLOSING and not self._calls:
+                    self._cond.notify_all()  # the closer waits for the last call
+            if run:
+                self._run_teardown(False)
+        finally:
+            _leave_package()
 
     def _exit_exclusive(self) -> None:
         """Leave an exclusive object (its mutex held): a release that came meanwhile found
         the mutex taken, so the teardown is this thread's (or the next holder's)."""
-        self._holder = None
         assert self._mutex is not None
         self._mutex.release()
         if self._state is _RELEASED:  # read after letting go: see release()
@@ -257,8 +299,8 @@ class Lifetime:
         """Tear a released exclusive object down if its mutex is free (else its holder will,
         when it leaves)."""
         assert self._mutex is not None
-        if not self._mutex.acquire(blocking=False):
-            return
+        if self._mutex._is_owned() or not self._mutex.acquire(blocking=False):  # type: ignore
+            return  # a call of this thread (or another holder) tears down when it leaves
         try:
             with self._cond:
                 run = self._take_teardown()
@@ -302,6 +344,13 @@ class Lifetime:
         releasing the dependents of the ``revocable`` kinds, whose pins do not refuse the
         close up front (a device's DMA mappings).  Returns True when this call did the
         teardown (False: it was already closed or released)."""
+        _enter_package()
+        try:
+            return self._close(prepare, revocable)
+        finally:
+            _leave_package()
+
+    def _close(self, prepare: Optional[Callable[[Any], None]], revocable: Tuple[str, ...]) -> bool:
         tid = threading.get_ident()
         with self._cond:
             while True:
@@ -323,7 +372,6 @@ class Lifetime:
                 self._cond.wait()
         if self._mutex is not None:
             self._mutex.acquire()  # the call in flight, if any, finishes first
-            self._holder = tid
         try:
             with self._cond:
                 self._refuse_if_pinned(revocable)  # calls in flight may have pinned it
@@ -340,7 +388,6 @@ class Lifetime:
             raise
         finally:
             if self._mutex is not None:
-                self._holder = None
                 self._mutex.release()
         with self._cond:
             self._state = _DONE
@@ -350,7 +397,15 @@ class Lifetime:
 
     def release(self) -> None:
         """The owner was dropped without closing: tear down now if nothing uses the object,
-        else when the last call or pin goes.  Never waits, never raises."""
+        else when the last call or pin goes.  Never waits, never raises.
+
+        The garbage collector may run this at any allocation, also inside the package on
+        this thread (say, inside the model engine's memory lock): then it is put off until
+        the thread's outermost call into the package leaves."""
+        state = _thread_state()
+        if state[0]:
+            state[1].append(self.release)
+            return
         with self._cond:
             if self._state is not _OPEN:
                 return
@@ -379,10 +434,13 @@ class Lifetime:
         return True
 
     def _run_teardown(self, by_owner: bool) -> None:
+        _enter_package()
         try:
             self._teardown(self.handle, by_owner)
         except BaseException as exc:  # noqa: BLE001 - a safety net must not fail its caller
             _report_unraisable(exc, f"the safety net of {self.what}")
+        finally:
+            _leave_package()
 
     def _reinit_after_fork(self) -> None:
         """In a forked child: the other threads, with their calls in flight and the locks
@@ -394,11 +452,10 @@ class Lifetime:
         self._callers = {tid: mine} if mine else {}
         self._calls = mine
         if self._mutex is not None:
-            self._mutex = threading.Lock()
-            if self._holder == tid:
+            mine_held = self._mutex._is_owned()  # type: ignore[attr-defined]
+            self._mutex = threading.RLock()
+            if mine_held:
                 self._mutex.acquire()
-            else:
-                self._holder = None
         if self._state is _CLOSING and self._closer != tid:
             self._state = _OPEN  # its closer was another thread: the child may close it
             self._closer = None
@@ -415,15 +472,17 @@ class _Hold:
     def __enter__(self) -> Any:
         life = self._life
         assert life._mutex is not None, "hold() is for exclusive objects"
-        tid = threading.get_ident()
-        if life._holder == tid:
+        if life._mutex._is_owned():  # type: ignore[attr-defined]
             raise BusyError(f"{life.what} is already in use by a call on this thread")
         life._mutex.acquire()
-        life._holder = tid
+        _enter_package()
         return life.handle
 
     def __exit__(self, *exc: object) -> None:
-        self._life._exit_exclusive()
+        try:
+            self._life._exit_exclusive()
+        finally:
+            _leave_package()
 
 
 def _report_unraisable(exc: BaseException, where: str) -> None:

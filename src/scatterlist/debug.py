@@ -1,7 +1,11 @@
 """DMA-API debugging: the kernel's ``CONFIG_DMA_API_DEBUG`` checks, as warnings or exceptions.
 
 Modes: ``"off"`` (nothing recorded, no cost), ``"warn"`` (a :class:`DmaApiWarning` through
-:mod:`warnings`) and ``"raise"`` (:class:`DmaApiError`, and the call changes nothing).  Set the
+:mod:`warnings`) and ``"raise"`` (:class:`DmaApiError`).  In ``raise`` mode a refused unmap or
+sync is not done, and a refused map is undone before the error is raised: nothing stays mapped
+or recorded, but the map did happen and was unmapped (the IOVA allocator's range cache, a
+fault-injection countdown and the table's DMA fields moved as for any map and unmap, and
+entries read before go stale).  Set the
 global mode with :func:`set_mode` (or ``SCATTERLIST_DMA_DEBUG``); a device's own mode
 (``Device(..., debug="raise")``) overrides it.  In ``warn`` mode the state a call leaves is the
 same whatever the warning filters do: a warning turned into an exception (``-W error``) is
@@ -95,9 +99,13 @@ def get_mode() -> str:
 
 
 def check_mode(mode: str) -> str:
-    if mode not in MODES:
+    """``mode`` as one of the MODES strings themselves (not a caller's str subclass)."""
+    if not isinstance(mode, str):
         raise InvalidArgument(f"debug mode {mode!r} is not one of {MODES}")
-    return mode
+    for known in MODES:
+        if str.__eq__(known, mode) is True:
+            return known
+    raise InvalidArgument(f"debug mode {str.__str__(mode)!r} is not one of {MODES}")
 
 
 def mode_of(target: DebugTarget) -> str:

@@ -17,7 +17,7 @@ from typing import Any, Callable, ContextManager, Dict, List, Optional, Protocol
 
 from . import debug as dma_debug
 from ._engine import DeviceLimits, Engine
-from ._util import Lifetime, require_range
+from ._util import Lifetime, require_range, require_str
 from .constants import DMA_BIT_MASK, IOMMU_READ, U32_MAX, U64_MAX
 from .errors import BusyError, ClosedError, InvalidArgument, OutOfMemory, Reason, error_for
 from .iommu import Iommu
@@ -251,8 +251,7 @@ class Device:
                 raise TypeError(f"iommu must be an Iommu or None, not {type(iommu).__name__}")
             if iommu.memory is not memory:
                 raise error_for(errno.EINVAL, Reason.FOREIGN)
-        if not isinstance(name, str):
-            raise TypeError(f"name must be a str, not {type(name).__name__}")
+        name = require_str("name", name)  # a plain str: no user code in messages later
         # Every argument is converted and checked before anything is entered or created.
         limits = check_limits(
             memory.page_size, dma_mask, max_segment_size, seg_boundary_mask, max_mapping_size

@@ -3,9 +3,9 @@
 Each call converts its arguments, enters the device and then the table (so a ``close()`` on
 another thread waits for it, and the table's calls run one at a time), makes its state change
 through the engine, runs the dma-debug checks, and delivers their findings only after leaving
-both: in ``raise`` mode the call then changes nothing (a map that the checks refuse is undone
-first); in ``warn`` mode the state is what it would be with warnings off, even when a warning
-filter turns the warning into an exception.
+both: in ``raise`` mode a refused unmap or sync is not done and a refused map is undone
+before the error (see :mod:`scatterlist.debug`); in ``warn`` mode the state is what it would be
+with warnings off, even when a warning filter turns the warning into an exception.
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def map_table(
                 granule=None if dev.iommu is None else dev.iommu.granule,
             )
             if findings and dma_debug.mode_of(dev) == "raise":
-                mapping.end(table_handle)  # the call changes nothing
+                mapping.end(table_handle)  # refused: nothing stays mapped or recorded
             else:
                 mapping.debug_entry = dma_debug.record_map(
                     dev, cpu, dma, table.page_size, direction, call_ents, count
