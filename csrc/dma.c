@@ -861,7 +861,8 @@ static int walk_piece(struct access *a, uint64_t dma_addr, uint64_t n_bytes)
             return err;
     }
     if (outside)
-        return sl_fail_access(EFAULT, SL_REASON_DMA_ACCESS_MEMORY, a->access, outside_phys, 0);
+        return sl_fail_access(EFAULT, SL_REASON_DMA_ACCESS_MEMORY, a->access, outside_phys,
+                              a->mem_end);
     return 0;
 }
 

@@ -189,8 +189,8 @@ int dma_sync_sg(struct dma_device *dev, struct sl_table *table, uint32_t nents, 
  *   2. Through the IOMMU every page is translated; a fault is logged in the IOMMU's fault log
  *      and fails the access with -EFAULT (IOMMU_FAULT_*).
  *   3. Every physical byte must lie inside the memory: else -EFAULT DMA_ACCESS_MEMORY (value =
- *      the start of the first physically contiguous run that reaches past it, access), checked
- *      once the range is translated.
+ *      the start of the first physically contiguous run that reaches past it, limit = the
+ *      memory's size in bytes, access), checked once the range is translated.
  * The whole range is translated and checked before any byte moves, so a failure moves no byte.
  * Memory used does not grow with n_bytes: translation goes in batches of a fixed number of
  * runs on the stack (one pass when the range fits in one batch, else a checking pass and a

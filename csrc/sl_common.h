@@ -141,7 +141,8 @@ enum sl_reason {
                                         access */
     SL_REASON_DMA_ACCESS_MEMORY = 74, /* device access that reaches past the emulated memory;
                                          value = the physical address of the first physically
-                                         contiguous run that does, access */
+                                         contiguous run that does, limit = the memory's size
+                                         in bytes, access */
     SL_REASON_DMA_LENGTH = 75,       /* a transfer larger than the table's DMA segments;
                                         value = n_bytes, limit = the bytes the segments hold */
     SL_REASON_FOREIGN = 76,          /* objects of different memories or IOMMUs mixed */

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -111,7 +112,10 @@ def test_huge_lengths_are_checked_before_allocating(system: Any) -> None:
             dev.dma_read(addr, n_bytes)
         with pytest.raises(sg.InvalidArgument, match=f"fewer than the {n_bytes} requested"):
             dev.dma_read_table(table, n_bytes)
-    with pytest.raises(sg.IommuFault, match="outside the emulated memory"):
+    with pytest.raises(
+        sg.IommuFault,
+        match=rf"at physical 0x0: runs past the end of the emulated memory \({mem.size:#x} bytes",
+    ):
         direct.dma_read(0, mem.size + 1)
     sg.dma_unmap_sgtable(dev, table, Dir.BIDIRECTIONAL)
 
@@ -132,34 +136,130 @@ def test_sgtable_new_names_the_device_limit_below_a_page(system: Any) -> None:
     assert not pages.owned
 
 
+def _child(body: Any) -> int:
+    """Run ``body`` in a forked child (a deadlock must not hang the suite); its exit code."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            signal.alarm(20)
+            code = 0 if body() else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status), status
+    return os.WEXITSTATUS(status)
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
-def test_fork_while_another_thread_is_inside_a_copy(engine: str) -> None:
+def test_fork_waits_for_a_copy_in_flight(engine: str) -> None:
     """os.fork() while another thread is inside a copy (holding the table's mutex and a call
     on the memory): the child used to deadlock on the inherited lock at its first access.
-    The package's locks are reset in the child, which uses the same objects."""
+    The fork waits for the calls in flight to leave the package, so the child inherits the
+    objects between two calls, and uses them."""
     mem = sg.PhysicalMemory(1 << 24, engine=engine)
     mem.write(0, b"before fork")
     table = sg.alloc_table_from_pages([0], engine=engine)
     with Pause(engine, "table_copy") as pause:
         copier = InThread(lambda: table.copy_to_buffer(mem, 11), "copier")
         assert pause.entered.wait(5)
-        pid = os.fork()
-        if pid == 0:  # the child: only this thread exists here
-            code = 1
-            try:
-                signal.alarm(10)  # a deadlock must not hang the suite
-                ok = table.copy_to_buffer(mem, 11) == b"before fork" and mem.read(0, 6) == b"before"
-                table.close()
-                mem.close()
-                code = 0 if ok and mem.closed else 2
-            finally:
-                os._exit(code)
-        pause.resume()
+        threading.Timer(0.3, pause.resume).start()
+        started = time.monotonic()
+
+        def child() -> bool:
+            ok = table.copy_to_buffer(mem, 11) == b"before fork" and mem.read(0, 6) == b"before"
+            table.close()
+            mem.close()
+            return ok and mem.closed
+
+        assert _child(child) == 0
+        assert time.monotonic() - started >= 0.25  # the fork waited for the copy
         assert copier.result() == b"before fork"
-    _, status = os.waitpid(pid, 0)
-    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
     table.close()
     mem.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_objects_still_in_use_at_fork_are_unusable_in_the_child(
+    engine: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A call that does not leave the package in time: the fork goes ahead, and in the child
+    the objects that call was using (perhaps half changed) refuse every use with a clear
+    error, while the others work."""
+    import scatterlist._util as util
+
+    monkeypatch.setattr(util, "FORK_WAIT_SECONDS", 0.2)
+    mem = sg.PhysicalMemory(1 << 24, engine=engine)
+    table = sg.alloc_table_from_pages([0], engine=engine)
+    other = sg.PhysicalMemory(1 << 20, engine=engine)
+    with Pause(engine, "table_copy", timeout=30) as pause:
+        copier = InThread(lambda: table.copy_to_buffer(mem, 8), "copier")
+        assert pause.entered.wait(5)
+
+        def child() -> bool:
+            for use in (lambda: table.counts(), lambda: mem.read(0, 1)):
+                try:
+                    use()
+                    return False
+                except sg.ClosedError as exc:
+                    if "in use by another thread when the process forked" not in str(exc):
+                        return False
+            table.close()  # nothing to do: it leaks in the child rather than free half a table
+            other.write(0, b"fine")
+            return other.read(0, 4) == b"fine" and table.closed
+
+        assert _child(child) == 0
+        pause.resume()
+        copier.result()
+    assert table.counts().orig_nents == 1  # the parent is not affected
+    table.close()
+    mem.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_forked_children_see_tables_between_calls(engine: str) -> None:
+    """A thread maps and unmaps a table in a loop, another binds the device, while the main
+    thread forks: a child used to inherit a table mapped in the engine but not in Python
+    (close() then freed a mapped table; the device still read its pages), and to hang on the
+    device's lock.  Now each child sees the table mapped or not, consistently, and can undo
+    it and close everything."""
+    mem = sg.PhysicalMemory(1 << 26, engine=engine)
+    iommu = sg.Iommu(mem)
+    dev = sg.Device(mem, iommu)
+    table = sg.alloc_table_from_pages([4, 6, 8, 10], engine=engine)
+    stop = threading.Event()
+
+    def spin() -> None:
+        while not stop.is_set():
+            sg.dma_map_sgtable(dev, table, Dir.BIDIRECTIONAL)
+            sg.dma_unmap_sgtable(dev, table, Dir.BIDIRECTIONAL)
+
+    def rebind() -> None:
+        while not stop.is_set():
+            dev.bind()
+
+    def child() -> bool:
+        consistent = table.mapped == (iommu.mapped_pages == 4) == (dev.live_mappings == 1)
+        if table.mapped:
+            sg.dma_unmap_sgtable(dev, table, Dir.BIDIRECTIONAL)
+        dev.bind()
+        table.close()
+        dev.close()
+        return consistent and iommu.mapped_pages == 0 and iommu.iova_ranges() == []
+
+    workers = [
+        threading.Thread(target=spin, daemon=True),
+        threading.Thread(target=rebind, daemon=True),
+    ]
+    for worker in workers:
+        worker.start()
+    try:
+        codes = [_child(child) for _ in range(20)]
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join(30)
+    assert codes == [0] * 20
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")

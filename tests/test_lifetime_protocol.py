@@ -623,3 +623,86 @@ def test_pages_collected_inside_the_allocator_never_deadlock(engine: str) -> Non
     gc.collect()
     assert mem.free_pages == mem.n_pages
     mem.close()
+
+
+# -- ownership and refused closes (hostile review) ----------------------------------------------
+
+
+def test_two_threads_cannot_both_take_the_same_pages(engine: str) -> None:
+    """SGTable.new on one Pages from two threads: the ownership check and the hand-over used
+    to be apart (the build and the map ran between), so both could succeed, and closing one
+    freed pages the other still mapped.  Forced: the first is held inside its map."""
+    mem = sg.PhysicalMemory(4 << 20, engine=engine)
+    iommu = sg.Iommu(mem)
+    dev = sg.Device(mem, iommu)
+    pages = mem.alloc_pages(3)
+    with Pause(engine, "dma_map", when=lambda dev_handle, *a: dev_handle is dev._life.handle) as p:
+        first = InThread(lambda: sg.SGTable.new(dev, pages, Dir.TO_DEVICE), "first")
+        assert p.entered.wait(5)
+        with pytest.raises(sg.BusyError, match="already belong"):
+            sg.SGTable.new(dev, pages, Dir.TO_DEVICE)
+        p.resume()
+        owner = first.result()
+    assert pages.owned and iommu.mapped_pages == 3
+    owner.close()
+    assert pages.closed and iommu.mapped_pages == 0
+
+
+def test_a_warning_filter_cannot_take_the_pages_being_taken(engine: str) -> None:
+    """A dma-debug warning delivered by SGTable.new runs a warning filter (any code): one that
+    called SGTable.new on the same pages used to make a second owner."""
+    import warnings
+
+    mem = sg.PhysicalMemory(4 << 20, engine=engine)
+    dev = sg.Device(mem, debug="warn", max_segment_size=2 * PAGE, seg_boundary_mask=PAGE - 1)
+    pages = mem.alloc_pages(2, "contiguous")  # one 8 KiB entry across a 4 KiB boundary: warns
+    seen = []
+
+    def hook(*args: Any, **kwargs: Any) -> None:
+        try:
+            seen.append(sg.SGTable.new(dev, pages, Dir.BIDIRECTIONAL))
+        except sg.BusyError as exc:
+            seen.append(exc)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = hook
+        owner = sg.SGTable.new(dev, pages, Dir.BIDIRECTIONAL)
+    assert len(seen) == 1 and isinstance(seen[0], sg.BusyError)
+    assert pages.owned and dev.live_mappings == 1
+    owner.close()
+    assert pages.closed and dev.live_mappings == 0
+
+
+@pytest.mark.parametrize("kind", ["table", "device"])
+def test_a_refused_close_does_not_fail_calls_on_other_threads(engine: str, kind: str) -> None:
+    """A close() that is refused (the table is mapped; the device has a table mapped by hand)
+    used to make calls on other threads fail with ClosedError meanwhile."""
+    mem = sg.PhysicalMemory(4 << 20, engine=engine)
+    dev = sg.Device(mem, sg.Iommu(mem))
+    table = sg.alloc_table_from_pages([2, 4, 6], engine=engine)
+    sg.dma_map_sgtable(dev, table, Dir.TO_DEVICE)
+    target, read = (table, table.counts) if kind == "table" else (dev, lambda: dev.bound)
+    stop = threading.Event()
+    spurious: List[str] = []
+
+    def reader() -> None:
+        while not stop.is_set():
+            try:
+                read()
+            except sg.ClosedError as exc:
+                spurious.append(str(exc))
+
+    thread = InThread(reader, "reader")
+    refused = 0
+    for _ in range({"native": 3000, "model": 1000}[engine]):
+        try:
+            target.close()
+        except sg.BusyError:
+            refused += 1
+    stop.set()
+    thread.result()
+    assert refused and not target.closed and spurious == []
+    sg.dma_unmap_sgtable(dev, table, Dir.TO_DEVICE)
+    table.close()
+    dev.close()

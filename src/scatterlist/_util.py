@@ -7,15 +7,18 @@ the objects it uses, through their :class:`Lifetime`.
 
 from __future__ import annotations
 
+import errno
 import operator
 import os
+import sys
 import threading
+import time
 import weakref
 from array import array
 from collections import Counter
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, TypeVar, Union
 
-from .errors import BusyError, ClosedError, InvalidArgument, Reason, error_for
+from .errors import BusyError, ClosedError, InvalidArgument, OutOfMemory, Reason, error_for
 
 # -- argument conversion ---------------------------------------------------------------------
 
@@ -54,7 +57,7 @@ def require_range(
     number = require_int(name, value)
     if not low <= number <= high:
         if reason is not Reason.NONE:
-            raise error_for(22, reason, value=number)  # EINVAL
+            raise error_for(errno.EINVAL, reason, value=number)
         raise InvalidArgument(f"{name}={number} is out of range [{low}, {high}]")
     return number
 
@@ -105,11 +108,36 @@ def as_pfn_view(pfns: PfnsLike, name: str = "pfns") -> memoryview:
     return memoryview(converted)
 
 
+T = TypeVar("T")
+
+
+def allocating(produce: Callable[[], T]) -> T:
+    """``produce()``, where a result buffer the host cannot allocate is OutOfMemory (the
+    package's class, on both engines) rather than a bare MemoryError."""
+    try:
+        return produce()
+    except MemoryError as exc:
+        if isinstance(exc, OutOfMemory):
+            raise
+        raise error_for(errno.ENOMEM, Reason.NO_MEMORY) from None
+
+
 # -- the lifetime protocol -------------------------------------------------------------------
 
 #: Per thread, ``state = [depth, put_off]``: how deep the thread is inside the package (calls,
 #: holds, closes, teardowns), and the safety nets put off until it leaves (Lifetime.release).
+#: ``_thread_states`` has every thread's list, for the fork gate.
 _local = threading.local()
+_thread_states: Dict[int, List[Any]] = {}
+
+#: The fork gate: while a fork waits for the calls in flight to leave the package, a thread
+#: entering it (at depth 0) waits for the fork to be done.
+_forking = False
+_fork_done = threading.Event()
+_fork_done.set()
+#: How long a fork waits for the calls in flight on other threads before it goes ahead; the
+#: objects still in use then are unusable in the child.
+FORK_WAIT_SECONDS = 2.0
 
 
 def _thread_state() -> List[Any]:
@@ -117,14 +145,19 @@ def _thread_state() -> List[Any]:
         state: List[Any] = _local.state
     except AttributeError:
         state = _local.state = [0, []]
+        _thread_states[threading.get_ident()] = state
     return state
 
 
 def _enter_package() -> None:
-    try:
-        _local.state[0] += 1
-    except AttributeError:
-        _local.state = [1, []]
+    state = _thread_state()
+    state[0] += 1
+    # Raise the depth first, then look at the gate; the fork sets the gate first, then looks
+    # at the depths: one of the two always sees the other.
+    if state[0] == 1 and _forking:
+        state[0] -= 1
+        _fork_done.wait()
+        state[0] += 1
 
 
 def _leave_package() -> None:
@@ -136,11 +169,6 @@ def _leave_package() -> None:
             put_off.pop(0)()  # a put-off release(), now outside every package lock
 
 
-_OPEN = "open"
-_CLOSING = "closing"  # close() is waiting for the calls in flight
-_RELEASED = "released"  # the owner is gone; destroyed once the last call and pin are
-_DONE = "done"  # destroyed
-
 #: Objects with locks that a forked child must re-create (a thread of the parent may have held
 #: them at the fork): each has a ``_reinit_after_fork()`` method.
 _fork_registry: "weakref.WeakSet[Any]" = weakref.WeakSet()
@@ -150,6 +178,52 @@ def reinit_after_fork(obj: Any) -> None:
     """Have ``obj._reinit_after_fork()`` called in every child this process forks."""
     _fork_registry.add(obj)
 
+
+def _before_fork() -> None:
+    """Close the gate and wait (a bounded time) until no other thread is inside the package,
+    so that the child inherits every object between two calls, never in the middle of one."""
+    global _forking
+    _fork_done.clear()
+    _forking = True
+    me = threading.get_ident()
+    deadline = time.monotonic() + FORK_WAIT_SECONDS
+    while time.monotonic() < deadline:
+        alive = set(sys._current_frames())
+        busy = [
+            tid
+            for tid, state in list(_thread_states.items())
+            if tid != me and tid in alive and state[0]
+        ]
+        if not busy:
+            return
+        time.sleep(0.0005)
+
+
+def _after_fork_in_parent() -> None:
+    global _forking
+    _forking = False
+    _fork_done.set()
+
+
+def _after_fork_in_child() -> None:
+    global _forking, _fork_done
+    _forking = False
+    _fork_done = threading.Event()
+    _fork_done.set()
+    me = threading.get_ident()
+    mine = _thread_states.get(me)
+    _thread_states.clear()
+    if mine is not None:
+        _thread_states[me] = mine
+    for obj in list(_fork_registry):
+        obj._reinit_after_fork()
+
+
+_OPEN = "open"
+_CLOSING = "closing"  # close() is waiting for the calls in flight, or running its prepare
+_RELEASED = "released"  # the owner is gone; destroyed once the last call and pin are
+_DONE = "done"  # destroyed
+_FORKED = "forked"  # in a forked child: it was in use by another thread at the fork
 
 Teardown = Callable[[Any, bool], None]
 
@@ -240,6 +314,14 @@ class Lifetime:
 
     # -- calls ------------------------------------------------------------------------
     def __enter__(self) -> Any:
+        _enter_package()  # before any lock: a fork in progress is waited for here
+        try:
+            return self._enter()
+        except BaseException:
+            _leave_package()
+            raise
+
+    def _enter(self) -> Any:
         mutex = self._mutex
         if mutex is not None:
             if mutex._is_owned():  # type: ignore[attr-defined]
@@ -248,21 +330,31 @@ class Lifetime:
                     f"(a callback re-entering it)"
                 )
             mutex.acquire()
-            # A close sets "closing" and then waits for this mutex; a release may come while
+            # A close takes this mutex before it decides anything; a release may come while
             # the call runs, and then the call tears down when it leaves (__exit__).
             if self._state is _OPEN:
-                _enter_package()
                 return self.handle
             self._exit_exclusive()
-            raise ClosedError(f"{self.what} is closed")
+            raise self._closed_error()
         tid = threading.get_ident()
         with self._cond:
-            if self._state is _OPEN:
+            # A close deciding (pins, prepare) may yet be refused: wait for its outcome
+            # rather than fail, unless this thread is in a call on the object already.
+            while self._state is _CLOSING and tid not in self._callers:
+                self._cond.wait()
+            if self._state is _OPEN or self._state is _CLOSING:
                 self._calls += 1
                 self._callers[tid] = self._callers.get(tid, 0) + 1
-                _enter_package()
                 return self.handle
-        raise ClosedError(f"{self.what} is closed")
+        raise self._closed_error()
+
+    def _closed_error(self) -> ClosedError:
+        if self._state is _FORKED:
+            return ClosedError(
+                f"{self.what} was in use by another thread when the process forked: it "
+                f"cannot be used in this child"
+            )
+        return ClosedError(f"{self.what} is closed")
 
     def __exit__(self, *exc: object) -> None:
         try:
@@ -354,8 +446,8 @@ class Lifetime:
         tid = threading.get_ident()
         with self._cond:
             while True:
-                if self._state is _DONE or self._state is _RELEASED:
-                    return False
+                if self._state is not _OPEN and self._state is not _CLOSING:
+                    return False  # closed, released, or unusable after a fork
                 if self._in_call_on_this_thread(tid):
                     raise BusyError(
                         f"{self.what}.close() was called from inside a call on "
@@ -366,12 +458,22 @@ class Lifetime:
                     break
                 self._cond.wait()  # another thread is closing it: wait for the outcome
             self._refuse_if_pinned(revocable)
-            self._state = _CLOSING
-            self._closer = tid
-            while self._calls:
-                self._cond.wait()
+            if self._mutex is None:
+                # New calls wait for the outcome; the calls in flight finish first.
+                self._state = _CLOSING
+                self._closer = tid
+                while self._calls:
+                    self._cond.wait()
         if self._mutex is not None:
-            self._mutex.acquire()  # the call in flight, if any, finishes first
+            # An exclusive object: its mutex keeps every other call out (waiting, not
+            # failing) while this close decides.
+            self._mutex.acquire()
+            with self._cond:
+                if self._state is not _OPEN:  # another closer, or a release, came first
+                    self._exit_exclusive()
+                    return False
+                self._state = _CLOSING
+                self._closer = tid
         try:
             with self._cond:
                 self._refuse_if_pinned(revocable)  # calls in flight may have pinned it
@@ -443,21 +545,30 @@ class Lifetime:
             _leave_package()
 
     def _reinit_after_fork(self) -> None:
-        """In a forked child: the other threads, with their calls in flight and the locks
-        they held, are gone; the forking thread's own calls (a fork from inside a call) go
-        on."""
+        """In a forked child.  The other threads are gone, with the locks they held; the
+        forking thread's own calls (a fork from inside a call) go on.  An object another
+        thread was still using (the fork waited FORK_WAIT_SECONDS for it) may be half
+        changed: it becomes unusable here, and is never torn down (it leaks)."""
         tid = threading.get_ident()
         mine = self._callers.get(tid, 0)
-        self._cond = threading.Condition(threading.RLock())
-        self._callers = {tid: mine} if mine else {}
-        self._calls = mine
+        others_inside = self._calls > mine
         if self._mutex is not None:
-            mine_held = self._mutex._is_owned()  # type: ignore[attr-defined]
+            mine_held = bool(self._mutex._is_owned())  # type: ignore[attr-defined]
+            if not mine_held:
+                if self._mutex.acquire(blocking=False):
+                    self._mutex.release()
+                else:
+                    others_inside = True  # held by a thread of the parent
             self._mutex = threading.RLock()
             if mine_held:
                 self._mutex.acquire()
+        self._cond = threading.Condition(threading.RLock())
+        self._callers = {tid: mine} if mine else {}
+        self._calls = mine
         if self._state is _CLOSING and self._closer != tid:
-            self._state = _OPEN  # its closer was another thread: the child may close it
+            others_inside = True  # its closer was another thread, mid-way
+        if others_inside and self._state is not _DONE:
+            self._state = _FORKED
             self._closer = None
 
 
@@ -500,13 +611,12 @@ def _report_unraisable(exc: BaseException, where: str) -> None:
     _SafetyNet()
 
 
-def _reinit_all_after_fork() -> None:
-    for obj in list(_fork_registry):
-        obj._reinit_after_fork()
-
-
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reinit_all_after_fork)
+    os.register_at_fork(
+        before=_before_fork,
+        after_in_parent=_after_fork_in_parent,
+        after_in_child=_after_fork_in_child,
+    )
 
 
 __all__ = [

@@ -17,9 +17,9 @@ from typing import Any, Callable, ContextManager, Dict, List, Optional, Protocol
 
 from . import debug as dma_debug
 from ._engine import DeviceLimits, Engine
-from ._util import Lifetime, require_range, require_str
+from ._util import Lifetime, allocating, reinit_after_fork, require_range, require_str
 from .constants import DMA_BIT_MASK, IOMMU_READ, U32_MAX, U64_MAX
-from .errors import BusyError, ClosedError, InvalidArgument, OutOfMemory, Reason, error_for
+from .errors import BusyError, ClosedError, InvalidArgument, Reason, error_for
 from .iommu import Iommu
 from .memory import PhysicalMemory
 from .table import RawTable, TableState
@@ -150,8 +150,13 @@ class _DeviceState:
         # being forgotten) takes it again.
         self.lock = threading.RLock()
         self.limits_lock = threading.Lock()
+        reinit_after_fork(self)
         self.mappings: Dict[int, Mapping] = {}  # id -> mapping, oldest first
         self.life = Lifetime(f"Device {name!r}", handle, self._teardown)
+
+    def _reinit_after_fork(self) -> None:
+        self.lock = threading.RLock()
+        self.limits_lock = threading.Lock()
 
     def register(self, mapping: Mapping) -> None:
         """Record a new mapping.  An owned (Devres) one needs the device bound, checked
@@ -444,7 +449,7 @@ class Device:
         with self._life as handle:
             if n_bytes > _CHECK_BEFORE_ALLOCATING:
                 self._engine.dma_check_access(handle, dma_addr, n_bytes, IOMMU_READ)
-            return _allocating(lambda: self._engine.dma_read(handle, dma_addr, n_bytes))
+            return allocating(lambda: self._engine.dma_read(handle, dma_addr, n_bytes))
 
     def dma_write(self, dma_addr: int, data: Any) -> None:
         """The device writes ``data`` at DMA address ``dma_addr``; ``IommuFault`` (nothing
@@ -515,7 +520,7 @@ class Device:
         data: bytes = self._transfer(
             table,
             wanted,
-            lambda dev, tab, n: _allocating(lambda: self._engine.dma_read_sg(dev, tab, n)),
+            lambda dev, tab, n: allocating(lambda: self._engine.dma_read_sg(dev, tab, n)),
         )
         return data
 
@@ -565,16 +570,6 @@ class Device:
         except ClosedError:
             return f"<Device {self._name!r} closed>"
         return f"<Device {self._name!r} {mode}, {state}, engine={self.engine}>"
-
-
-def _allocating(read: Callable[[], bytes]) -> bytes:
-    """A read whose result buffer the host cannot allocate is OutOfMemory on both engines."""
-    try:
-        return read()
-    except MemoryError as exc:
-        if isinstance(exc, OutOfMemory):
-            raise
-        raise error_for(errno.ENOMEM, Reason.NO_MEMORY) from None
 
 
 __all__ = ["Device", "DMA_BIT_MASK", "Mapping", "MappedTableView", "check_limits"]

@@ -266,7 +266,8 @@ _MESSAGES = {
     Reason.GRANULE_PAGE: "the IOMMU granule {value} is larger than the memory's page size {limit}",
     Reason.DMA_ACCESS_MASK: "device {access} at {value:#x}: above the device's dma_mask "
     "{limit:#x}, an address the device cannot emit",
-    Reason.DMA_ACCESS_MEMORY: "device {access} at physical {value:#x}: outside the emulated memory",
+    Reason.DMA_ACCESS_MEMORY: "device {access} at physical {value:#x}: runs past the end of the "
+    "emulated memory ({limit:#x} bytes)",
     Reason.DMA_LENGTH: "the table's DMA segments hold {limit} bytes, fewer than the {value} "
     "requested",
     Reason.FOREIGN: "objects from different memories or IOMMUs cannot be mixed",

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import errno
+import threading
 import weakref
 from array import array
 from typing import Any, Callable, Iterator, Optional
 
 from ._engine import LAYOUTS, Engine, get_engine
-from ._util import Lifetime, require_range
+from ._util import Lifetime, allocating, reinit_after_fork, require_range
 from .constants import PAGE_SIZE, U32_MAX, U64_MAX
 from .errors import BusyError, InvalidArgument, OutOfMemory, Reason, error_for
 
@@ -110,7 +111,7 @@ class PhysicalMemory:
         phys = require_range("phys", phys, 0, U64_MAX, Reason.PHYS_RANGE)
         n_bytes = require_range("n_bytes", n_bytes, 0, (1 << 63) - 1)
         with self._life as handle:
-            return self._engine.memory_read(handle, phys, n_bytes)
+            return allocating(lambda: self._engine.memory_read(handle, phys, n_bytes))
 
     def write(self, phys: int, data: Any) -> None:
         """Write the bytes-like ``data`` at physical address ``phys``."""
@@ -134,6 +135,11 @@ class PhysicalMemory:
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"{self.n_pages} pages of {self._page_size} B"
         return f"<PhysicalMemory {state}, engine={self.engine}>"
+
+
+def _being_taken() -> None:
+    """The owner of pages an SGTable.new is taking (a dead weakref's stand-in)."""
+    return None
 
 
 def _pages_teardown(memory: PhysicalMemory) -> Callable[[Any, bool], None]:
@@ -160,7 +166,8 @@ class Pages:
     _memory: PhysicalMemory
     _pfns: "array[int]"
     _size_bytes: int
-    _owning_table: "Optional[weakref.ref[Any]]"
+    _owning_table: "Optional[Callable[[], Any]]"  # a weakref, or _being_taken
+    _claim_lock: threading.Lock
     _life: Lifetime
     _finalizer: "weakref.finalize[Any, Any]"
 
@@ -177,6 +184,8 @@ class Pages:
         self._size_bytes = size_bytes
         # The SGTable that owns these pages (held weakly: it holds the pages).
         self._owning_table = None
+        self._claim_lock = threading.Lock()
+        reinit_after_fork(self)
         self._life = Lifetime("Pages", pfns, _pages_teardown(memory))
         self._finalizer = weakref.finalize(self, self._life.release)
         return self
@@ -221,11 +230,28 @@ class Pages:
         """True while an ``SGTable`` owns these pages."""
         return self._owning_table is not None and not self._life.closed
 
+    def _reinit_after_fork(self) -> None:
+        self._claim_lock = threading.Lock()
+
+    def _claim(self) -> None:
+        """SGTable.new starts taking the pages (the caller is in a call on them): a second
+        taker, on another thread or from a callback, gets BusyError from here on."""
+        with self._claim_lock:
+            if self._owning_table is not None:
+                raise BusyError("SGTable.new: the pages already belong to another SGTable")
+            self._owning_table = _being_taken
+
+    def _unclaim(self) -> None:
+        """The SGTable.new that claimed the pages failed: they stay the caller's."""
+        with self._claim_lock:
+            self._owning_table = None
+
     def _give_to(self, table: object) -> None:
-        """An SGTable takes the pages (the caller is in a call on them): from now on the
-        table's teardown frees them, after its unmap, whatever order the collector runs in."""
-        self._owning_table = weakref.ref(table)
-        self._finalizer.detach()
+        """The claiming SGTable exists: from now on its teardown frees the pages, after its
+        unmap, whatever order the collector runs the safety nets in."""
+        with self._claim_lock:
+            self._owning_table = weakref.ref(table)
+            self._finalizer.detach()
 
     def _refuse_if_owned(self, pfns: object) -> None:
         if self._owning_table is not None:

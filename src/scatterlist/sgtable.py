@@ -23,7 +23,7 @@ from ._util import Lifetime, require_range
 from .constants import MAX_SEGMENT_UNLIMITED, U64_MAX, DataDirection
 from .device import Device, Mapping
 from .dma import direction_value, dma_sync_sgtable_for_cpu, dma_sync_sgtable_for_device, map_table
-from .errors import BusyError, ClosedError, InvalidArgument, Reason, error_for
+from .errors import ClosedError, InvalidArgument, Reason, error_for
 from .memory import Pages
 from .table import RawTable, SGEntry, TableState, _live_tables, build_table
 
@@ -129,43 +129,49 @@ class SGTable(Generic[S]):
         engine = dev._engine
         page_size = pages.page_size
         with dev._life as dev_handle, pages._life as pfns:  # device, then pages, then table
-            if pages._owning_table is not None:
-                raise BusyError("SGTable.new: the pages already belong to another SGTable")
-            limits = engine.device_limits(dev_handle)
-            by_mapping = limits.max_mapping_size or MAX_SEGMENT_UNLIMITED
-            limit = min(by_mapping, limits.max_segment_size, MAX_SEGMENT_UNLIMITED)
-            if limit < page_size:
-                name = (
-                    "max_segment_size"
-                    if limits.max_segment_size <= by_mapping
-                    else "max_mapping_size"
-                )
-                raise InvalidArgument(
-                    f"SGTable.new: the device's {name}={limit} is below one "
-                    f"page ({page_size} bytes): no table entry can fit it"
-                )
-            # The pages' own array: private, so no other thread can change it under C.
-            raw = build_table(engine, memoryview(pfns), 0, pages.size, limit, page_size, 0)
-            raw._state.owner = "SGTable"
+            pages._claim()  # BusyError for a second taker, from now until the end
             try:
-                mapping, _, findings = map_table(dev, raw, dir_value, None, devres=True)
+                limits = engine.device_limits(dev_handle)
+                by_mapping = limits.max_mapping_size or MAX_SEGMENT_UNLIMITED
+                limit = min(by_mapping, limits.max_segment_size, MAX_SEGMENT_UNLIMITED)
+                if limit < page_size:
+                    name = (
+                        "max_segment_size"
+                        if limits.max_segment_size <= by_mapping
+                        else "max_mapping_size"
+                    )
+                    raise InvalidArgument(
+                        f"SGTable.new: the device's {name}={limit} is below one "
+                        f"page ({page_size} bytes): no table entry can fit it"
+                    )
+                # The pages' own array: private, so no other thread can change it under C.
+                raw = build_table(engine, memoryview(pfns), 0, pages.size, limit, page_size, 0)
+                raw._state.owner = "SGTable"
                 try:
-                    dma_debug.deliver(dev, findings, stacklevel=2)
+                    mapping, _, findings = map_table(dev, raw, dir_value, None, devres=True)
                 except BaseException:
-                    with raw._life as table_handle:  # no table for the caller: undo it all
-                        mapping.end(table_handle)
+                    raw.close()
                     raise
             except BaseException:
-                raw.close()
+                pages._unclaim()
                 raise
-            table: SGTable[Owned[P]] = SGTable._make(raw)
-            table._pages = pages
-            table._device = dev
-            table._direction = DataDirection(dir_value)
-            table._mapping = mapping
-            table._life = Lifetime("SGTable", None, _OwnedTeardown(mapping, raw, pages._life))
-            table._finalizer = weakref.finalize(table, table._life.release)
-            pages._give_to(table)
+        try:
+            # Outside every call: a warning filter may run any code (the pages stay claimed).
+            dma_debug.deliver(dev, findings, stacklevel=2)
+        except BaseException:
+            with raw._life as table_handle:  # no table for the caller: undo it all
+                mapping.end(table_handle)
+            raw.close()
+            pages._unclaim()
+            raise
+        table: SGTable[Owned[P]] = SGTable._make(raw)
+        table._pages = pages
+        table._device = dev
+        table._direction = DataDirection(dir_value)
+        table._mapping = mapping
+        table._life = Lifetime("SGTable", None, _OwnedTeardown(mapping, raw, pages._life))
+        table._finalizer = weakref.finalize(table, table._life.release)
+        pages._give_to(table)
         return table
 
     @staticmethod

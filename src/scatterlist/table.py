@@ -18,7 +18,14 @@ from array import array
 from typing import Any, Callable, Iterator, List, Optional, Protocol
 
 from ._engine import Engine, TableCounts, get_engine
-from ._util import Lifetime, PfnsLike, as_pfn_view, require_range
+from ._util import (
+    Lifetime,
+    PfnsLike,
+    allocating,
+    as_pfn_view,
+    reinit_after_fork,
+    require_range,
+)
 from .constants import MAX_SEGMENT_UNLIMITED, PAGE_SIZE, U32_MAX, U64_MAX, DataDirection
 from .errors import BusyError, ClosedError, InvalidArgument, Reason
 from .memory import PhysicalMemory
@@ -69,6 +76,10 @@ class TableState:
         self.mapping: Optional[TableAttachment] = None
         self.life = Lifetime("RawTable", handle, self._teardown, exclusive=True)
         self._after: Optional[List[Callable[[], None]]] = []  # None once torn down
+        self._after_lock = threading.Lock()
+        reinit_after_fork(self)
+
+    def _reinit_after_fork(self) -> None:
         self._after_lock = threading.Lock()
 
     def changed(self, why: str) -> None:
@@ -421,7 +432,8 @@ class RawTable:
             orig_nents = self._engine.table_counts(handle).orig_nents
             rows = self._engine.table_export_cpu(handle, orig_nents)
             available = max(sum(rows[2::3]) - skip, 0)
-            buf = bytearray(available if wanted is None else min(wanted, available))
+            size = available if wanted is None else min(wanted, available)
+            buf = allocating(lambda: bytearray(size))
             copied = self._engine.table_copy(handle, mem, memoryview(buf), skip, True)
         return bytes(buf[:copied])
 

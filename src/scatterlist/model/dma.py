@@ -499,7 +499,9 @@ def _translate(dev: ModelDevice, dma_addr: int, n_bytes: int, access: int) -> Li
     mem_end = dev.mem.n_pages * dev.mem.page_size
     for phys, length in runs:
         if phys > mem_end or length > mem_end - phys:
-            raise error_for(errno.EFAULT, Reason.DMA_ACCESS_MEMORY, value=phys, access=access)
+            raise error_for(
+                errno.EFAULT, Reason.DMA_ACCESS_MEMORY, value=phys, limit=mem_end, access=access
+            )
     return runs
 
 
