@@ -893,10 +893,11 @@ static void test_device_access(void)
     CHECK_DETAIL(0, 0x10000, 0, IOMMU_READ);
     CHECK_EQ(fault_total(r.iommu), faults + 1);
 
-    /* Direct, past the memory: value = the first byte's physical address. */
+    /* Direct, past the memory: value = the first byte's physical address, limit = the
+     * memory's size. */
     CHECK_FAIL(dma_device_read(r.direct, mem_end - 10, buf, 20), EFAULT,
                SL_REASON_DMA_ACCESS_MEMORY);
-    CHECK_DETAIL(0, mem_end - 10, 0, IOMMU_READ);
+    CHECK_DETAIL(0, mem_end - 10, mem_end, IOMMU_READ);
     CHECK(dma_device_read(r.direct, mem_end - 20, buf, 20) == 0);
 
     /* A table of 600 scattered pages: 600 runs, more than one batch of translation. */
@@ -970,10 +971,10 @@ static void test_device_access(void)
     faults = fault_total(r.iommu);
     CHECK_FAIL(dma_device_read(r.dev, iova + 8, back, N * PAGE - 8), EFAULT,
                SL_REASON_DMA_ACCESS_MEMORY);
-    CHECK_DETAIL(0, mem_end + PAGE + 8, 0, IOMMU_READ);
+    CHECK_DETAIL(0, mem_end + PAGE + 8, mem_end, IOMMU_READ);
     CHECK_FAIL(dma_device_check_access(r.dev, iova + 8, 8, IOMMU_WRITE), EFAULT,
                SL_REASON_DMA_ACCESS_MEMORY);
-    CHECK_DETAIL(0, mem_end + PAGE + 8, 0, IOMMU_WRITE);
+    CHECK_DETAIL(0, mem_end + PAGE + 8, mem_end, IOMMU_WRITE);
     CHECK_EQ(fault_total(r.iommu), faults); /* not an IOMMU fault */
     CHECK(dma_device_read(r.dev, iova + PAGE, back, (N - 1) * PAGE) == 0);
 
