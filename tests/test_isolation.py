@@ -212,3 +212,45 @@ def test_owned_table_refused_by_a_warning_keeps_nothing(system: Any) -> None:
     raw.close()
     pages.close()
     assert mem.free_pages == mem.n_pages
+
+
+@pytest.mark.parametrize("mode", ["raise", "warn"])
+def test_freeing_pages_still_mapped_is_reported(system: Any, mode: str) -> None:
+    """Pages closed while a table mapped by hand still maps them: the allocator then hands the
+    frames to a new owner, and the device reaches that owner's data through the old mapping.
+    dma-debug reports it (rule free-mapped); in raise mode the close is refused."""
+    mem, iommu, dev, _ = system
+    dev.debug = mode
+    pages = mem.alloc_pages(2)
+    table = sg.alloc_table_from_pages(pages.pfns, engine=mem.engine)
+    sg.dma_map_sgtable(dev, table, Dir.BIDIRECTIONAL)
+    if mode == "raise":
+        with pytest.raises(sg.DmaApiError, match="frees memory that is still DMA-mapped") as info:
+            pages.close()
+        assert info.value.rule == "free-mapped" and "test_freeing_pages" in str(info.value)
+        assert not pages.closed
+    else:
+        with pytest.warns(sg.DmaApiWarning, match=r"still DMA-mapped.*\[rule free-mapped\]"):
+            pages.close()
+        assert pages.closed
+    sg.dma_unmap_sgtable(dev, table, Dir.BIDIRECTIONAL)
+    pages.close()  # unmapped: nothing to report
+    table.close()
+    assert mem.free_pages == mem.n_pages
+
+
+def test_a_dropped_pages_object_still_mapped_is_kept_and_reported(system: Any) -> None:
+    mem, iommu, dev, _ = system
+    dev.debug = "warn"
+    pages = mem.alloc_pages(1)
+    pfn = pages.pfns[0]
+    table = sg.alloc_table_from_pages(pages.pfns, engine=mem.engine)
+    sg.dma_map_sgtable(dev, table, Dir.BIDIRECTIONAL)
+    with pytest.warns(sg.DmaApiWarning, match="still DMA-mapped"):
+        del pages
+        gc.collect()
+    again = mem.alloc_pages(1)
+    assert again.pfns[0] != pfn  # the frame was not handed out again
+    sg.dma_unmap_sgtable(dev, table, Dir.BIDIRECTIONAL)
+    table.close()
+    again.close()

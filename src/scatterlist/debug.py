@@ -28,7 +28,11 @@ map call.  Reports use the kernel's wording and name the rule broken:
   device's boundary, so the IOMMU maps physical memory after that entry, outside the table:
   the report names the exposed physical range (the kernel does this; it does not report it);
 - ``unbind-pending``: mappings still live when the device unbinds, each with its traceback;
-- ``leak``: a table dropped while still mapped (garbage-collected without unmap or close).
+- ``leak``: a table dropped while still mapped (garbage-collected without unmap or close);
+- ``free-mapped``: pages freed (``Pages.close`` or their safety net) while a recorded mapping
+  still maps them: once the allocator hands them to a new owner, the device would reach the
+  new owner's data.  In ``raise`` mode the close is refused; a safety net keeps the pages
+  allocated rather than free them.
 
 This module knows devices only through :class:`DebugTarget`: a name and a debug mode.  The
 DMA layer (``scatterlist.dma``) runs the checks, makes its state change, then delivers the
@@ -37,6 +41,7 @@ findings with :func:`deliver`, outside every lock.
 
 from __future__ import annotations
 
+import bisect
 import os
 import threading
 import traceback
@@ -135,6 +140,8 @@ class DebugEntry:
     sg_mapped_ents: int
     traceback: str
     cachelines: List[int] = field(default_factory=list)
+    memory_key: int = 0  # the memory the mapped pages are in (id of the PhysicalMemory)
+    phys_ranges: List[Tuple[int, int]] = field(default_factory=list)  # [start, end) mapped
 
     def describe(self) -> str:
         addr, size, _ = self.segments[0]
@@ -318,13 +325,28 @@ def record_map(
     direction: int,
     call_ents: int,
     mapped_ents: int,
+    memory_key: int = 0,
 ) -> DebugEntry:
     segments = [
         (dma_rows[i][0], dma_rows[i][1], cpu_rows[i][0] * page_size + cpu_rows[i][1])
         for i in range(mapped_ents)
     ]
+    phys_ranges: List[Tuple[int, int]] = []
+    for pfn, offset, length in cpu_rows:  # the CPU entries mapped, merged where they touch
+        start = pfn * page_size + offset
+        if phys_ranges and phys_ranges[-1][1] == start:
+            phys_ranges[-1] = (phys_ranges[-1][0], start + length)
+        else:
+            phys_ranges.append((start, start + length))
     entry = DebugEntry(
-        target.name, segments, direction, call_ents, mapped_ents, _caller_traceback()
+        target.name,
+        segments,
+        direction,
+        call_ents,
+        mapped_ents,
+        _caller_traceback(),
+        memory_key=memory_key,
+        phys_ranges=phys_ranges,
     )
     with _guard.lock:
         records = _records_of(target)
@@ -511,6 +533,43 @@ def check_sync(
             )
         if call_ents is not None:
             break  # one check per entry count is enough for an sg sync
+    return findings
+
+
+def check_free(
+    memory_key: int, pfns: Sequence[int], page_size: int
+) -> List[Tuple[DebugTarget, Finding]]:
+    """Pages about to be freed that a recorded mapping still maps: the device could go on
+    reading and writing them once the allocator hands them to a new owner.  One finding per
+    such mapping, with the device it is reported against."""
+    with _guard.lock:
+        candidates = [
+            (target, entry)
+            for target, records in list(_records.items())
+            for entry in records.entries
+            if entry.memory_key == memory_key
+        ]
+    if not candidates:
+        return []
+    freed = sorted(set(pfns))
+    findings = []
+    for target, entry in candidates:
+        for start, end in entry.phys_ranges:
+            at = bisect.bisect_left(freed, start // page_size)
+            if at < len(freed) and freed[at] <= (end - 1) // page_size:
+                findings.append(
+                    (
+                        target,
+                        Finding(
+                            "free-mapped",
+                            "device driver frees memory that is still DMA-mapped "
+                            f"[pfn={freed[at]:#x}] [mapped range phys={start:#x}-{end - 1:#x}] "
+                            f"{entry.describe()}",
+                            entry,
+                        ),
+                    )
+                )
+                break
     return findings
 
 

@@ -93,7 +93,7 @@ def map_table(
                 mapping.end(table_handle)  # refused: nothing stays mapped or recorded
             else:
                 mapping.debug_entry = dma_debug.record_map(
-                    dev, cpu, dma, table.page_size, direction, call_ents, count
+                    dev, cpu, dma, table.page_size, direction, call_ents, count, id(dev.memory)
                 )
     return mapping, count, findings
 

@@ -6,8 +6,9 @@ import errno
 import threading
 import weakref
 from array import array
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, List, Optional, Tuple
 
+from . import debug as dma_debug
 from ._engine import LAYOUTS, Engine, get_engine
 from ._util import Lifetime, allocating, reinit_after_fork, require_range
 from .constants import PAGE_SIZE, U32_MAX, U64_MAX
@@ -143,14 +144,20 @@ def _being_taken() -> None:
 
 
 def _pages_teardown(memory: PhysicalMemory) -> Callable[[Any, bool], None]:
-    """Give the pages back to the memory, which they keep pinned until then."""
-    engine, memory_life = memory._engine, memory._life
+    """Give the pages back to the memory, which they keep pinned until then.  A safety net
+    (the Pages dropped without close()) keeps pages that a mapping recorded by dma-debug still
+    maps allocated, and reports them: freed, they would go to a new owner the device reaches."""
+    engine, memory_life, memory_key = memory._engine, memory._life, id(memory)
 
     def teardown(pfns: "array[int]", by_owner: bool) -> None:
+        findings = [] if by_owner else dma_debug.check_free(memory_key, pfns, memory.page_size)
         try:
-            engine.memory_free_pages(memory_life.handle, memoryview(pfns))
+            if not findings:
+                engine.memory_free_pages(memory_life.handle, memoryview(pfns))
         finally:
             memory_life.unpin("Pages")
+        for target, finding in findings:
+            dma_debug.deliver(target, [finding])
 
     return teardown
 
@@ -259,8 +266,21 @@ class Pages:
 
     def close(self) -> None:
         """Give the pages back to the memory.  Idempotent; ``BusyError`` while an ``SGTable``
-        owns them (close the table instead)."""
-        self._life.close(self._refuse_if_owned)
+        owns them (close the table instead).  With dma-debug on, freeing pages a table mapped
+        by hand still maps is reported (rule ``free-mapped``; refused in ``raise`` mode)."""
+        reports: List[Tuple[Any, Any]] = []
+
+        def prepare(pfns: "array[int]") -> None:
+            self._refuse_if_owned(pfns)
+            findings = dma_debug.check_free(id(self._memory), pfns, self.page_size)
+            for target, finding in findings:
+                if dma_debug.mode_of(target) == "raise":
+                    dma_debug.deliver(target, [finding])  # raises: the close is refused
+            reports.extend(findings)
+
+        self._life.close(prepare)
+        for target, finding in reports:  # warn mode, once closed
+            dma_debug.deliver(target, [finding])
 
     def __enter__(self) -> "Pages":
         return self
