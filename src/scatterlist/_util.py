@@ -236,17 +236,21 @@ class Lifetime:
       engine side has its own locks) counts its calls in flight; an *exclusive* one (a table,
       whose engine side is not thread-safe) takes its mutex instead, so its calls run one at a
       time.  A call that uses several objects enters them in one order: memory, IOMMU,
-      device, table.  Entering never waits for a close (only for a table's call in flight).
+      device, table.  Entering waits while a close decides (it may be refused) and for a
+      table's call in flight, nothing else; a thread's first entry into the package also
+      waits while a fork is waiting for the calls in flight to leave it.
     * **Pins** are dependents whose engine side points at this one (a device on a memory):
       while pinned, the object is not destroyed and ``close()`` refuses with BusyError.
     * ``close()`` is idempotent, also when threads race on it (the later ones wait for the
       first).  It refuses with BusyError when called from inside a call on the same object on
-      the same thread (a callback), while pinned, or when its ``prepare`` step raises;
-      otherwise no new call may enter, it waits for the calls in flight, then runs the
-      teardown.
+      the same thread (a callback), while pinned, or when its ``prepare`` step raises (calls
+      that waited meanwhile then go on); otherwise it waits for the calls in flight, then runs
+      the teardown.
     * ``release()`` is for the owner's safety net (garbage collection, interpreter exit): it
       never waits and never raises; the teardown runs once no call is in flight and no pin is
-      held, by whichever of the releaser, the last call or the last pin comes last.
+      held, by whichever of the releaser, the last call or the last pin comes last.  Run on a
+      thread that is inside the package (the collector strikes at any allocation), it is put
+      off until that thread's outermost call leaves.
     * ``hold()`` lets an exclusive object's dependents use it for their own teardown (a DMA
       mapping undoing itself on its table) whatever its state: it takes the mutex, and the
       dependent checks its own state first.
