@@ -139,6 +139,23 @@ def test_overlapping_writable_mappings(engine):
     sg.dma_unmap_sgtable(b, t2, Dir.FROM_DEVICE)
 
 
+@pytest.mark.parametrize("first_unmapped", ["older", "newer"])
+def test_two_direct_mappings_at_the_same_addresses(engine, first_unmapped):
+    """Without an IOMMU, two tables mapping the same pages share their DMA addresses.  The
+    record of the older one used to be lost when the newer one was unmapped, so unmapping
+    the older one then reported "not allocated"; identical records were confused too."""
+    mem = sg.PhysicalMemory(16 << 20, engine=engine)
+    dev = sg.Device(mem, debug="raise")
+    tables = [sg.alloc_table_from_pages([3, 5], engine=engine) for _ in range(2)]
+    for table in tables:  # the same line: equal records, apart from being two maps
+        sg.dma_map_sgtable(dev, table, Dir.TO_DEVICE)
+    assert len(debug.dump(dev)) == 2
+    order = tables if first_unmapped == "older" else tables[::-1]
+    for table in order:
+        sg.dma_unmap_sgtable(dev, table, Dir.TO_DEVICE)  # raises if its record is lost
+    assert debug.dump(dev) == [] and dev.debug_error_count == 0
+
+
 def test_pending_mappings_at_unbind(debugged):
     mem, _, dev, _ = debugged
     leaked = scattered(mem, 2)

@@ -114,7 +114,13 @@ def check_mode(mode: str) -> str:
 
 
 def mode_of(target: DebugTarget) -> str:
-    return target.debug or _global_mode
+    # A Device's own field, not its property: this runs inside calls, where a subclass's
+    # property (user code) must not run.
+    try:
+        own = object.__getattribute__(target, "_debug_mode")
+    except AttributeError:
+        own = target.debug  # another DebugTarget
+    return own or _global_mode
 
 
 def error_count() -> int:
@@ -162,10 +168,12 @@ class Finding:
 
 
 class _DeviceRecords:
-    """The live entries of one device, found by the DMA address of any of their segments."""
+    """The live entries of one device, found by the DMA address of any of their segments
+    (several at one address: without an IOMMU, two tables mapping the same pages share their
+    DMA addresses; the newest is found first, and the others once it goes)."""
 
     def __init__(self) -> None:
-        self.by_address: Dict[int, DebugEntry] = {}
+        self.by_address: Dict[int, List[DebugEntry]] = {}
         self.entries: List[DebugEntry] = []
         self.error_count = 0
 
@@ -352,7 +360,7 @@ def record_map(
         records = _records_of(target)
         records.entries.append(entry)
         for addr, _, _ in segments:
-            records.by_address[addr] = entry
+            records.by_address.setdefault(addr, []).append(entry)
         if direction != DataDirection.TO_DEVICE:
             entry.cachelines = [paddr >> L1_CACHE_SHIFT for _, _, paddr in segments]
             for line in entry.cachelines:
@@ -366,11 +374,13 @@ def forget(target: DebugTarget, entry: Optional[DebugEntry]) -> None:
         return
     with _guard.lock:
         records = _records_of(target)
-        if entry in records.entries:
-            records.entries.remove(entry)
+        _remove_identical(records.entries, entry)  # (equal records may be distinct maps)
         for addr, _, _ in entry.segments:
-            if records.by_address.get(addr) is entry:
-                del records.by_address[addr]
+            sharing = records.by_address.get(addr)
+            if sharing is not None:
+                _remove_identical(sharing, entry)
+                if not sharing:
+                    del records.by_address[addr]
         for line in entry.cachelines:
             left = _active_cachelines.get(line, 0) - 1
             if left > 0:
@@ -379,10 +389,18 @@ def forget(target: DebugTarget, entry: Optional[DebugEntry]) -> None:
                 _active_cachelines.pop(line, None)
 
 
+def _remove_identical(entries: List[DebugEntry], entry: DebugEntry) -> None:
+    for index in range(len(entries) - 1, -1, -1):
+        if entries[index] is entry:
+            del entries[index]
+            return
+
+
 def _find(target: DebugTarget, dev_addr: int) -> Optional[DebugEntry]:
     with _guard.lock:
         records = _records.get(target)
-        return None if records is None else records.by_address.get(dev_addr)
+        sharing = None if records is None else records.by_address.get(dev_addr)
+        return sharing[-1] if sharing else None
 
 
 def _owner_of(dev_addr: int, besides: DebugTarget) -> Optional[str]:
