@@ -124,15 +124,20 @@ def allocating(produce: Callable[[], T]) -> T:
 
 # -- the lifetime protocol -------------------------------------------------------------------
 
-#: Per thread, ``state = [depth, put_off]``: how deep the thread is inside the package (calls,
-#: holds, closes, teardowns), and the safety nets put off until it leaves (Lifetime.release).
-#: ``_thread_states`` has every thread's list, for the fork gate.
+#: Per thread, ``state = [depth, put_off, draining]``: how deep the thread is inside the
+#: package (calls, holds, closes, teardowns), the work put off until it leaves (safety nets,
+#: dma-debug reports: anything that must not run under a package lock), and whether its
+#: outermost leave is running that work now.  ``_thread_states`` has every thread's list, for
+#: the fork gate.
+_DEPTH, _PUT_OFF, _DRAINING = 0, 1, 2
 _local = threading.local()
 _thread_states: Dict[int, List[Any]] = {}
 
 #: The fork gate: while a fork waits for the calls in flight to leave the package, a thread
-#: entering it (at depth 0) waits for the fork to be done.
+#: entering it (at depth 0) waits for the fork to be done -- except the forking thread itself,
+#: which runs the at-fork hooks, signal handlers and safety nets of the collector meanwhile.
 _forking = False
+_fork_thread: Optional[int] = None
 _fork_done = threading.Event()
 _fork_done.set()
 #: How long a fork waits for the calls in flight on other threads before it goes ahead; the
@@ -144,29 +149,79 @@ def _thread_state() -> List[Any]:
     try:
         state: List[Any] = _local.state
     except AttributeError:
-        state = _local.state = [0, []]
+        state = _local.state = [0, [], False]
         _thread_states[threading.get_ident()] = state
     return state
 
 
 def _enter_package() -> None:
     state = _thread_state()
-    state[0] += 1
+    state[_DEPTH] += 1
     # Raise the depth first, then look at the gate; the fork sets the gate first, then looks
     # at the depths: one of the two always sees the other.
-    if state[0] == 1 and _forking:
-        state[0] -= 1
+    if state[_DEPTH] == 1 and _forking and _fork_thread != threading.get_ident():
+        state[_DEPTH] -= 1
         _fork_done.wait()
-        state[0] += 1
+        state[_DEPTH] += 1
 
 
 def _leave_package() -> None:
     state = _local.state
-    state[0] -= 1
-    if not state[0]:
-        put_off = state[1]
+    state[_DEPTH] -= 1
+    if not state[_DEPTH] and state[_PUT_OFF] and not state[_DRAINING]:
+        _run_put_off(state)
+
+
+def _run_put_off(state: List[Any]) -> None:
+    """Run the work put off until this thread left the package, one item after the other:
+    an item that enters and leaves the package again (a teardown does) or puts more off (the
+    collector may strike inside it) adds to this loop, never a nested one."""
+    put_off = state[_PUT_OFF]
+    state[_DRAINING] = True
+    try:
         while put_off:
-            put_off.pop(0)()  # a put-off release(), now outside every package lock
+            work = put_off.pop(0)
+            try:
+                work()
+            except BaseException as exc:  # noqa: BLE001 - the caller's call has succeeded
+                _report_unraisable(exc, f"work put off until the package was left ({work!r})")
+    finally:
+        state[_DRAINING] = False
+
+
+def after_leaving(work: Callable[[], None]) -> None:
+    """Run ``work`` once this thread is outside every package lock: now if it is outside the
+    package, else when its outermost call leaves (failures go to ``sys.unraisablehook``).
+    For what may run user code -- dma-debug's warnings, safety nets."""
+    state = _thread_state()
+    if state[_DEPTH]:
+        state[_PUT_OFF].append(work)
+        return
+    try:
+        work()
+    except BaseException as exc:  # noqa: BLE001 - as when put off: nobody to raise it to
+        _report_unraisable(exc, f"work run after leaving the package ({work!r})")
+
+
+class _InPackage:
+    """``with in_package():`` -- inside the package with no object entered: for a stretch
+    of a call between its entries (the fork gate waits for it, and safety nets the collector
+    runs meanwhile are put off until it ends)."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        _enter_package()
+
+    def __exit__(self, *exc: object) -> None:
+        _leave_package()
+
+
+_IN_PACKAGE = _InPackage()
+
+
+def in_package() -> _InPackage:
+    return _IN_PACKAGE
 
 
 #: Objects with locks that a forked child must re-create (a thread of the parent may have held
@@ -182,32 +237,33 @@ def reinit_after_fork(obj: Any) -> None:
 def _before_fork() -> None:
     """Close the gate and wait (a bounded time) until no other thread is inside the package,
     so that the child inherits every object between two calls, never in the middle of one."""
-    global _forking
-    _fork_done.clear()
-    _forking = True
+    global _forking, _fork_thread
     me = threading.get_ident()
+    _fork_done.clear()
+    _fork_thread = me
+    _forking = True
     deadline = time.monotonic() + FORK_WAIT_SECONDS
     while time.monotonic() < deadline:
         alive = set(sys._current_frames())
-        busy = [
-            tid
-            for tid, state in list(_thread_states.items())
-            if tid != me and tid in alive and state[0]
-        ]
+        for tid in [tid for tid in list(_thread_states) if tid not in alive]:
+            _thread_states.pop(tid, None)  # threads that have ended
+        busy = [tid for tid, state in list(_thread_states.items()) if tid != me and state[0]]
         if not busy:
             return
         time.sleep(0.0005)
 
 
 def _after_fork_in_parent() -> None:
-    global _forking
+    global _forking, _fork_thread
     _forking = False
+    _fork_thread = None
     _fork_done.set()
 
 
 def _after_fork_in_child() -> None:
-    global _forking, _fork_done
+    global _forking, _fork_done, _fork_thread
     _forking = False
+    _fork_thread = None
     _fork_done = threading.Event()
     _fork_done.set()
     me = threading.get_ident()
@@ -395,15 +451,27 @@ class Lifetime:
         """Tear a released exclusive object down if its mutex is free (else its holder will,
         when it leaves)."""
         assert self._mutex is not None
-        if self._mutex._is_owned() or not self._mutex.acquire(blocking=False):  # type: ignore
-            return  # a call of this thread (or another holder) tears down when it leaves
+        # Inside the package from before the mutex to after it: what the teardown puts off
+        # (its reports) runs once the mutex is free.
+        _enter_package()
         try:
-            with self._cond:
-                run = self._take_teardown()
-            if run:
-                self._run_teardown(False)
+            if self._mutex._is_owned() or not self._mutex.acquire(blocking=False):  # type: ignore
+                return  # a call of this thread (or another holder) tears down when it leaves
+            try:
+                with self._cond:
+                    run = self._take_teardown()
+                if run:
+                    self._run_teardown(False)
+            finally:
+                self._mutex.release()
         finally:
-            self._mutex.release()
+            _leave_package()
+
+    def use(self) -> "_Use":
+        """For a dependent that pins this shared object (a device its IOMMU): a call in
+        flight for the fork gate and the teardown, entered whatever the owner did meanwhile
+        (closed or dropped, the object lives on while pinned), and never waiting."""
+        return _Use(self)
 
     def hold(self) -> "_Hold":
         """For an exclusive object's dependents: take its mutex whatever its state."""
@@ -509,8 +577,8 @@ class Lifetime:
         this thread (say, inside the model engine's memory lock): then it is put off until
         the thread's outermost call into the package leaves."""
         state = _thread_state()
-        if state[0]:
-            state[1].append(self.release)
+        if state[_DEPTH]:
+            state[_PUT_OFF].append(self.release)
             return
         with self._cond:
             if self._state is not _OPEN:
@@ -540,13 +608,14 @@ class Lifetime:
         return True
 
     def _run_teardown(self, by_owner: bool) -> None:
-        _enter_package()
         try:
-            self._teardown(self.handle, by_owner)
+            _enter_package()
+            try:
+                self._teardown(self.handle, by_owner)
+            finally:
+                _leave_package()
         except BaseException as exc:  # noqa: BLE001 - a safety net must not fail its caller
             _report_unraisable(exc, f"the safety net of {self.what}")
-        finally:
-            _leave_package()
 
     def _reinit_after_fork(self) -> None:
         """In a forked child.  The other threads are gone, with the locks they held; the
@@ -574,6 +643,38 @@ class Lifetime:
         if others_inside and self._state is not _DONE:
             self._state = _FORKED
             self._closer = None
+
+    def mark_forked(self) -> None:
+        """In a forked child, for an owner that knows its object was half changed by
+        another thread of the parent: unusable here, like one with a call in flight."""
+        if self._state is not _DONE:
+            self._state = _FORKED
+            self._closer = None
+
+
+class _Use:
+    """``Lifetime.use()``: a call in flight on a pinned shared object, whatever its state."""
+
+    __slots__ = ("_life",)
+
+    def __init__(self, life: Lifetime) -> None:
+        self._life = life
+
+    def __enter__(self) -> Any:
+        life = self._life
+        assert life._mutex is None, "use() is for shared objects"
+        _enter_package()
+        tid = threading.get_ident()
+        with life._cond:
+            if life._state is _DONE or life._state is _FORKED:
+                _leave_package()
+                raise life._closed_error()
+            life._calls += 1
+            life._callers[tid] = life._callers.get(tid, 0) + 1
+        return life.handle
+
+    def __exit__(self, *exc: object) -> None:
+        self._life.__exit__(*exc)
 
 
 class _Hold:
@@ -629,5 +730,7 @@ __all__ = [
     "as_pfn_view",
     "PfnsLike",
     "Lifetime",
+    "after_leaving",
+    "in_package",
     "reinit_after_fork",
 ]

@@ -13,6 +13,7 @@ import errno
 import threading
 import warnings
 import weakref
+from contextlib import nullcontext
 from typing import Any, Callable, ContextManager, Dict, List, Optional, Protocol, Tuple, Union
 
 from . import debug as dma_debug
@@ -108,9 +109,10 @@ class Mapping:
         if not self.live:
             return None
         device = self.device
-        device._engine.dma_unmap(
-            device._state.life.handle, table_handle, self.direction, self.map_nents
-        )
+        with device._state.in_iommu():
+            device._engine.dma_unmap(
+                device._state.life.handle, table_handle, self.direction, self.map_nents
+            )
         entry = self.finish(revoked=revoked)
         if leaked is None:
             return None
@@ -157,6 +159,13 @@ class _DeviceState:
     def _reinit_after_fork(self) -> None:
         self.lock = threading.RLock()
         self.limits_lock = threading.Lock()
+
+    def in_iommu(self) -> ContextManager[Any]:
+        """Enter the device's IOMMU, if it has one, for a call that changes it through the
+        device (a map or an unmap): a fork meanwhile then finds the IOMMU in use, and a
+        child cannot use it half changed.  Never waits, whatever locks the caller holds: the
+        device pins the IOMMU, so no close of it gets as far as deciding."""
+        return self.iommu_life.use() if self.iommu_life is not None else nullcontext()
 
     def register(self, mapping: Mapping) -> None:
         """Record a new mapping.  An owned (Devres) one needs the device bound, checked
@@ -334,7 +343,7 @@ class Device:
         with self._life as handle, self._state.limits_lock:
             current = self._engine.device_limits(handle)._asdict()
             current[field] = number
-            self._engine.device_set_limits(handle, check_limits(self._memory.page_size, **current))
+            self._engine.device_set_limits(handle, check_limits(self._memory._page_size, **current))
 
     @property
     def dma_mask(self) -> int:

@@ -63,7 +63,9 @@ def map_table(
     engine = dev._engine
     findings: List[dma_debug.Finding] = []
     debugging = dma_debug.mode_of(dev) != "off"
-    with dev._life as dev_handle, table._life as table_handle:  # device, then table
+    iommu = dev._iommu
+    # IOMMU, device, then table (the fixed order).
+    with dev._state.in_iommu(), dev._life as dev_handle, table._life as table_handle:
         call_ents = engine.table_counts(table_handle).orig_nents if nents is None else nents
         count = engine.dma_map(dev_handle, table_handle, direction, nents)
         state = table._state
@@ -87,13 +89,13 @@ def map_table(
                 count,
                 max_segment_size=limits.max_segment_size,
                 seg_boundary_mask=limits.seg_boundary_mask,
-                granule=None if dev.iommu is None else dev.iommu.granule,
+                granule=None if iommu is None else iommu._granule,
             )
             if findings and dma_debug.mode_of(dev) == "raise":
                 mapping.end(table_handle)  # refused: nothing stays mapped or recorded
             else:
                 mapping.debug_entry = dma_debug.record_map(
-                    dev, cpu, dma, table.page_size, direction, call_ents, count, id(dev.memory)
+                    dev, cpu, dma, table.page_size, direction, call_ents, count, id(dev._memory)
                 )
     return mapping, count, findings
 
@@ -103,7 +105,7 @@ def _unmap(dev: Device, table: RawTable, direction: Any, nents: Optional[int]) -
     dir_value = direction_value(direction)
     engine = dev._engine
     findings: List[dma_debug.Finding] = []
-    with dev._life as dev_handle, table._life as table_handle:
+    with dev._state.in_iommu(), dev._life as dev_handle, table._life as table_handle:
         mapping = table._state.mapping
         tracked = mapping is None or (
             isinstance(mapping, Mapping) and mapping.debug_entry is not None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import threading
 import weakref
 from array import array
@@ -10,7 +11,7 @@ from typing import Any, Callable, Iterator, List, Optional, Tuple
 
 from . import debug as dma_debug
 from ._engine import LAYOUTS, Engine, get_engine
-from ._util import Lifetime, allocating, reinit_after_fork, require_range
+from ._util import Lifetime, after_leaving, allocating, reinit_after_fork, require_range
 from .constants import PAGE_SIZE, U32_MAX, U64_MAX
 from .errors import BusyError, InvalidArgument, OutOfMemory, Reason, error_for
 
@@ -143,21 +144,28 @@ def _being_taken() -> None:
     return None
 
 
+#: A dma-debug finding of ``free-mapped``, with the device it is reported against.
+FreeFinding = Tuple[Any, Any]
+
+
 def _pages_teardown(memory: PhysicalMemory) -> Callable[[Any, bool], None]:
     """Give the pages back to the memory, which they keep pinned until then.  A safety net
-    (the Pages dropped without close()) keeps pages that a mapping recorded by dma-debug still
-    maps allocated, and reports them: freed, they would go to a new owner the device reaches."""
-    engine, memory_life, memory_key = memory._engine, memory._life, id(memory)
+    (the Pages, or the SGTable owning them, dropped without close()) keeps pages that a
+    mapping recorded by dma-debug still maps allocated, and reports them: freed, they would
+    go to a new owner the device reaches.  An owner's close checked them in its prepare."""
+    engine, memory_life = memory._engine, memory._life
+    memory_key, page_size = id(memory), memory._page_size
 
     def teardown(pfns: "array[int]", by_owner: bool) -> None:
-        findings = [] if by_owner else dma_debug.check_free(memory_key, pfns, memory.page_size)
+        findings = [] if by_owner else dma_debug.check_free(memory_key, pfns, page_size)
         try:
             if not findings:
                 engine.memory_free_pages(memory_life.handle, memoryview(pfns))
         finally:
             memory_life.unpin("Pages")
         for target, finding in findings:
-            dma_debug.deliver(target, [finding])
+            # Not here: the caller may hold a table's mutex, and a warning filter runs code.
+            after_leaving(functools.partial(dma_debug.deliver, target, [finding]))
 
     return teardown
 
@@ -174,6 +182,7 @@ class Pages:
     _pfns: "array[int]"
     _size_bytes: int
     _owning_table: "Optional[Callable[[], Any]]"  # a weakref, or _being_taken
+    _claimer: Optional[int]  # the thread of the SGTable.new taking them
     _claim_lock: threading.Lock
     _life: Lifetime
     _finalizer: "weakref.finalize[Any, Any]"
@@ -191,6 +200,7 @@ class Pages:
         self._size_bytes = size_bytes
         # The SGTable that owns these pages (held weakly: it holds the pages).
         self._owning_table = None
+        self._claimer = None
         self._claim_lock = threading.Lock()
         reinit_after_fork(self)
         self._life = Lifetime("Pages", pfns, _pages_teardown(memory))
@@ -239,6 +249,10 @@ class Pages:
 
     def _reinit_after_fork(self) -> None:
         self._claim_lock = threading.Lock()
+        if self._owning_table is _being_taken and self._claimer != threading.get_ident():
+            # An SGTable.new of another thread of the parent was taking them (the fork did
+            # not wait for it to end): their table, mapped or not, is lost in this child.
+            self._life.mark_forked()
 
     def _claim(self) -> None:
         """SGTable.new starts taking the pages (the caller is in a call on them): a second
@@ -247,18 +261,46 @@ class Pages:
             if self._owning_table is not None:
                 raise BusyError("SGTable.new: the pages already belong to another SGTable")
             self._owning_table = _being_taken
+            self._claimer = threading.get_ident()
 
     def _unclaim(self) -> None:
         """The SGTable.new that claimed the pages failed: they stay the caller's."""
         with self._claim_lock:
             self._owning_table = None
+            self._claimer = None
 
     def _give_to(self, table: object) -> None:
         """The claiming SGTable exists: from now on its teardown frees the pages, after its
         unmap, whatever order the collector runs the safety nets in."""
         with self._claim_lock:
             self._owning_table = weakref.ref(table)
+            self._claimer = None
             self._finalizer.detach()
+
+    def _still_mapped(self, pfns: "array[int]", ignore: object = None) -> List[FreeFinding]:
+        """dma-debug's ``free-mapped`` findings for freeing these pages now, leaving out the
+        mapping recorded as ``ignore`` (an owning SGTable's own, which goes first)."""
+        findings = dma_debug.check_free(id(self._memory), pfns, self._memory._page_size)
+        return [(target, finding) for target, finding in findings if finding.entry is not ignore]
+
+    @staticmethod
+    def _refuse_in_raise_mode(findings: List[FreeFinding]) -> None:
+        for target, finding in findings:
+            if dma_debug.mode_of(target) == "raise":
+                dma_debug.deliver(target, [finding])  # raises: the close is refused
+
+    def _check_free_for_table(self, own_mapping: object) -> None:
+        """The owning SGTable's close, before it changes anything: DmaApiError (raise mode)
+        when a table mapped by hand still maps the pages."""
+        with self._life as pfns:
+            self._refuse_in_raise_mode(self._still_mapped(pfns, own_mapping))
+
+    def _close_for_table(self) -> List[FreeFinding]:
+        """The owning SGTable's close gives the pages back, once its own mapping is undone;
+        returns the findings it delivers (warn mode) once closed."""
+        reports: List[FreeFinding] = []
+        self._life.close(lambda pfns: reports.extend(self._still_mapped(pfns)))
+        return reports
 
     def _refuse_if_owned(self, pfns: object) -> None:
         if self._owning_table is not None:
@@ -268,14 +310,12 @@ class Pages:
         """Give the pages back to the memory.  Idempotent; ``BusyError`` while an ``SGTable``
         owns them (close the table instead).  With dma-debug on, freeing pages a table mapped
         by hand still maps is reported (rule ``free-mapped``; refused in ``raise`` mode)."""
-        reports: List[Tuple[Any, Any]] = []
+        reports: List[FreeFinding] = []
 
         def prepare(pfns: "array[int]") -> None:
             self._refuse_if_owned(pfns)
-            findings = dma_debug.check_free(id(self._memory), pfns, self.page_size)
-            for target, finding in findings:
-                if dma_debug.mode_of(target) == "raise":
-                    dma_debug.deliver(target, [finding])  # raises: the close is refused
+            findings = self._still_mapped(pfns)
+            self._refuse_in_raise_mode(findings)
             reports.extend(findings)
 
         self._life.close(prepare)

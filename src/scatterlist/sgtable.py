@@ -19,7 +19,7 @@ from typing import Any, Callable, Generic, Iterator, List, Optional, Tuple, Type
 
 from . import debug as dma_debug
 from ._engine import get_engine
-from ._util import Lifetime, require_range
+from ._util import Lifetime, in_package, require_range
 from .constants import MAX_SEGMENT_UNLIMITED, U64_MAX, DataDirection
 from .device import Device, Mapping
 from .dma import direction_value, dma_sync_sgtable_for_cpu, dma_sync_sgtable_for_device, map_table
@@ -49,13 +49,21 @@ class _OwnedTeardown:
     """The drop order of ``SGTable<Owned<P>>``: unmap (unless unbind did), free the entries,
     give the pages back.  It holds what it releases, not the SGTable."""
 
-    __slots__ = ("mapping", "raw_life", "raw_state", "pages_life")
+    __slots__ = ("mapping", "raw_life", "raw_state", "pages", "pages_life", "reports")
 
-    def __init__(self, mapping: Mapping, raw: RawTable, pages_life: Lifetime) -> None:
+    def __init__(self, mapping: Mapping, raw: RawTable, pages: Pages) -> None:
         self.mapping = mapping
         self.raw_life = raw._life
         self.raw_state = raw._state
-        self.pages_life = pages_life
+        self.pages = pages
+        self.pages_life = pages._life
+        # dma-debug findings of the close (free-mapped, warn mode), delivered once closed.
+        self.reports: List[Tuple[Any, Any]] = []
+
+    def prepare(self, _: Any) -> None:
+        """Before the close changes anything: refused (DmaApiError, raise mode) when a table
+        mapped by hand still maps the pages, which the close would hand to a next owner."""
+        self.pages._check_free_for_table(self.mapping.debug_entry)
 
     def __call__(self, handle: Any, by_owner: bool) -> None:
         if not by_owner:
@@ -72,7 +80,7 @@ class _OwnedTeardown:
             try:
                 self.raw_life.close()
             finally:
-                self.pages_life.close()
+                self.reports.extend(self.pages._close_for_table())
 
 
 class SGTable(Generic[S]):
@@ -87,6 +95,7 @@ class SGTable(Generic[S]):
     _direction: Optional[DataDirection]
     _mapping: Optional[Mapping]
     _life: Optional[Lifetime]  # an owner's
+    _teardown: Optional[_OwnedTeardown]  # an owner's
     _finalizer: "Optional[weakref.finalize[Any, Any]]"
 
     def __init__(self, *args: object, **kwargs: object) -> None:
@@ -102,7 +111,7 @@ class SGTable(Generic[S]):
         self._raw = raw
         self._borrowed_from = borrowed_from
         self._pages = self._device = self._direction = self._mapping = None
-        self._life = self._finalizer = None
+        self._life = self._finalizer = self._teardown = None
         return self
 
     # -- construction -------------------------------------------------------------------
@@ -124,10 +133,15 @@ class SGTable(Generic[S]):
         if not isinstance(pages, Pages):
             raise TypeError(f"pages must be Pages, not {type(pages).__name__}")
         dir_value = direction_value(direction)
-        if pages.memory is not dev.memory:
+        if pages._memory is not dev._memory:
             raise error_for(errno.EINVAL, Reason.FOREIGN)
+        with in_package():  # from the claim to the handover: a fork waits for all of it
+            return SGTable._new(dev, pages, dir_value)
+
+    @staticmethod
+    def _new(dev: Device, pages: P, dir_value: int) -> "SGTable[Owned[P]]":
         engine = dev._engine
-        page_size = pages.page_size
+        page_size = pages._memory._page_size
         with dev._life as dev_handle, pages._life as pfns:  # device, then pages, then table
             pages._claim()  # BusyError for a second taker, from now until the end
             try:
@@ -156,8 +170,8 @@ class SGTable(Generic[S]):
                 pages._unclaim()
                 raise
         try:
-            # Outside every call: a warning filter may run any code (the pages stay claimed).
-            dma_debug.deliver(dev, findings, stacklevel=2)
+            # Outside every object: a warning filter may run any code (the pages stay claimed).
+            dma_debug.deliver(dev, findings, stacklevel=3)
         except BaseException:
             with raw._life as table_handle:  # no table for the caller: undo it all
                 mapping.end(table_handle)
@@ -169,7 +183,8 @@ class SGTable(Generic[S]):
         table._device = dev
         table._direction = DataDirection(dir_value)
         table._mapping = mapping
-        table._life = Lifetime("SGTable", None, _OwnedTeardown(mapping, raw, pages._life))
+        table._teardown = _OwnedTeardown(mapping, raw, pages)
+        table._life = Lifetime("SGTable", None, table._teardown)
         table._finalizer = weakref.finalize(table, table._life.release)
         pages._give_to(table)
         return table
@@ -294,7 +309,7 @@ class SGTable(Generic[S]):
         with self._owner_only():
             self._check_mapping()
             assert self._device is not None
-            return self._raw.copy_from_buffer(self._device.memory, view, skip)
+            return self._raw.copy_from_buffer(self._device._memory, view, skip)
 
     def copy_to_buffer(
         self: "SGTable[Owned[Any]]", n_bytes: Optional[int] = None, skip: int = 0
@@ -305,7 +320,7 @@ class SGTable(Generic[S]):
         with self._owner_only():
             self._check_mapping()
             assert self._device is not None
-            return self._raw.copy_to_buffer(self._device.memory, wanted, skip)
+            return self._raw.copy_to_buffer(self._device._memory, wanted, skip)
 
     def _check_mapping(self) -> None:
         if self._mapping is None or not self._mapping.live:
@@ -333,7 +348,12 @@ class SGTable(Generic[S]):
             raise InvalidArgument(
                 "close() is for the owner; a borrowed view has nothing to release"
             )
-        self._life.close()
+        teardown = self._teardown
+        assert teardown is not None
+        if self._life.close(teardown.prepare):
+            reports, teardown.reports = teardown.reports, []
+            for target, finding in reports:  # warn mode, once closed
+                dma_debug.deliver(target, [finding])
 
     def __enter__(self: "SGTable[Owned[P]]") -> "SGTable[Owned[P]]":
         return self

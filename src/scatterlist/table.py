@@ -21,6 +21,7 @@ from ._engine import Engine, TableCounts, get_engine
 from ._util import (
     Lifetime,
     PfnsLike,
+    after_leaving,
     allocating,
     as_pfn_view,
     reinit_after_fork,
@@ -112,7 +113,9 @@ class TableState:
             for release in after:
                 release()
         if report is not None:
-            report()
+            # A warning filter may run any code: not under this table's mutex, which the
+            # caller holds (a device closing on another thread may be waiting for it).
+            after_leaving(report)
 
 
 #: Native table pointers (and model handles) to their live RawTable, for SGTable.from_raw.

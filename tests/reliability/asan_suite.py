@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 #: ordinary run: they take long, and their native calls are the same kinds).
 TESTS = [
     "tests/test_lifetime_protocol.py",
+    "tests/test_lifetime_hardening.py",
     "tests/test_lifetime.py",
     "tests/test_isolation.py",
     "tests/test_edges.py",

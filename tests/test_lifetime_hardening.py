@@ -1,0 +1,435 @@
+"""Regression tests for the second hostile review of the lifetime protocol (issue 7).
+
+Each test is one finding: safety nets put off inside a call, the fork gate and the thread that
+forks, a warning delivered under a table's mutex, ``free-mapped`` on an owned table's close, a
+fork during ``SGTable.new``, an IOMMU changed through a device at a fork, and user code
+(subclass properties) run inside the package.  Forks that used to hang run in a subprocess
+with a time limit, so a regression fails the test instead of hanging the suite.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import warnings
+from typing import Any, List
+
+import pytest
+from helpers import PAGE, EngineHook, InThread, Pause
+
+import scatterlist as sg
+import scatterlist._util as util
+from scatterlist import DataDirection as Dir
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+needs_fork = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+
+
+def _run(script: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """A script in a fresh interpreter; a hang shows as faulthandler's stacks and exit 1."""
+    prologue = "import faulthandler; faulthandler.dump_traceback_later(20, exit=True)\n"
+    return subprocess.run(
+        [sys.executable, "-c", prologue + textwrap.dedent(script)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+# -- 1. safety nets put off inside a call run one after the other -------------------------------
+
+
+def test_thousands_of_put_off_safety_nets_run_without_recursion(engine: str) -> None:
+    """Safety nets the collector runs inside a call are put off until the thread leaves the
+    package.  Running them used to recurse (each one's own leave ran the rest of the list),
+    so a few thousand raised RecursionError into an unrelated call, lost their teardowns and
+    left the memory pinned for good."""
+    mem = sg.PhysicalMemory(1 << 28, engine=engine)
+    dropped = [mem.alloc_pages(1) for _ in range(3000)]
+
+    def collect_inside(real: Any, *args: Any) -> Any:
+        for pages in dropped:
+            pages._finalizer()  # what the collector does to dropped Pages, here inside a call
+        return real(*args)
+
+    with EngineHook(engine, "memory_read", collect_inside):
+        assert mem.read(0, 4) == bytes(4)  # no RecursionError out of the call
+    assert mem.free_pages == mem.n_pages  # every teardown ran
+    mem.close()
+
+
+def test_put_off_safety_nets_are_not_lost_when_the_call_fails(engine: str) -> None:
+    """The call inside which the nets were put off raises: they still run when it leaves."""
+    mem = sg.PhysicalMemory(1 << 24, engine=engine)
+    dropped = [mem.alloc_pages(2) for _ in range(50)]
+
+    def fail_inside(real: Any, *args: Any) -> Any:
+        for pages in dropped:
+            pages._finalizer()
+        assert mem.free_pages == mem.n_pages - 100  # put off: still allocated
+        raise sg.InvalidArgument("injected")
+
+    with EngineHook(engine, "memory_read", fail_inside), pytest.raises(sg.InvalidArgument):
+        mem.read(0, 4)
+    assert mem.free_pages == mem.n_pages
+    mem.close()
+
+
+def test_work_put_off_that_fails_does_not_stop_the_rest(engine: str) -> None:
+    """A put-off item that raises goes to sys.unraisablehook; the items after it still run
+    and the call that left is not failed by it."""
+    mem = sg.PhysicalMemory(1 << 24, engine=engine)
+    ran: List[int] = []
+
+    def boom() -> None:
+        raise RuntimeError("put-off failure")
+
+    def put_off_inside(real: Any, *args: Any) -> Any:
+        util.after_leaving(lambda: ran.append(1))
+        util.after_leaving(boom)
+        util.after_leaving(lambda: ran.append(2))
+        assert ran == []  # inside the package: put off
+        return real(*args)
+
+    seen: List[BaseException] = []
+    old_hook = sys.unraisablehook
+    sys.unraisablehook = lambda info: seen.append(info.exc_value)  # type: ignore[assignment]
+    try:
+        with EngineHook(engine, "memory_read", put_off_inside):
+            assert mem.read(0, 1) == b"\0"
+    finally:
+        sys.unraisablehook = old_hook
+    assert ran == [1, 2]
+    assert len(seen) == 1 and str(seen[0]) == "put-off failure"
+    mem.close()
+
+
+# -- 2. the fork gate never waits for the thread that forks -------------------------------------
+
+
+@needs_fork
+@pytest.mark.parametrize("hook", ["before", "after_in_parent", "after_in_child"])
+def test_an_at_fork_hook_may_use_the_package(engine: str, hook: str) -> None:
+    """At-fork hooks registered before the import run inside the fork gate, on the forking
+    thread: one that used the package waited for the gate it was itself holding (the parent,
+    or the child, hung for good)."""
+    result = _run(f"""
+        import os, sys
+        state = {{}}
+        os.register_at_fork({hook}=lambda: print("hook", state["mem"].free_pages, flush=True))
+        sys.path.insert(0, {HERE!r})
+        import scatterlist as sg
+        state["mem"] = sg.PhysicalMemory(1 << 20, engine={engine!r})
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0 if state["mem"].read(0, 1) == b"\\0" else 3)
+        _, status = os.waitpid(pid, 0)
+        print("child exit", os.waitstatus_to_exitcode(status), flush=True)
+    """)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "child exit 0" in result.stdout and "hook 256" in result.stdout, result.stdout
+
+
+@needs_fork
+def test_code_run_on_the_forking_thread_while_the_fork_waits(engine: str) -> None:
+    """The fork waits for a call in flight on another thread; meanwhile the forking thread
+    runs other code: a signal handler, or safety nets the collector runs at an allocation
+    (the CI hang under ASan).  Either one entering the package used to wait for the fork it
+    was part of, for good.  Here a timer signal arrives during the wait, and its handler
+    runs a safety net and a call."""
+    result = _run(f"""
+        import os, signal, sys, threading
+        sys.path.insert(0, {HERE!r})
+        import scatterlist as sg
+        from helpers import InThread, Pause
+        mem = sg.PhysicalMemory(1 << 24, engine={engine!r})
+        table = sg.alloc_table_from_pages([0], engine={engine!r})
+        dropped = mem.alloc_pages(3)
+        seen = []
+
+        def handler(*args):
+            dropped._finalizer()  # what the collector does to dropped Pages
+            seen.append(mem.free_pages)
+
+        signal.signal(signal.SIGALRM, handler)
+        with Pause({engine!r}, "table_copy") as pause:
+            copier = InThread(lambda: table.copy_to_buffer(mem, 8), "copier")
+            assert pause.entered.wait(5)
+            threading.Timer(0.6, pause.resume).start()
+            signal.setitimer(signal.ITIMER_REAL, 0.2)  # while the fork waits for the copier
+            pid = os.fork()
+            if pid == 0:
+                os._exit(0 if table.copy_to_buffer(mem, 8) == bytes(8) else 3)
+            _, status = os.waitpid(pid, 0)
+            print("child exit", os.waitstatus_to_exitcode(status), flush=True)
+            copier.result()
+        print("handler saw", seen, "of", mem.n_pages, flush=True)
+    """)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "child exit 0" in result.stdout, result.stdout
+    assert "handler saw [4096] of 4096" in result.stdout, result.stdout
+
+
+# -- 3. no user code under a table's mutex ------------------------------------------------------
+
+
+def test_a_leak_warning_is_delivered_after_the_tables_mutex_is_released(engine: str) -> None:
+    """An owned table dropped while mapped warns (ResourceWarning) from its safety net.  The
+    warning used to be delivered with the table's mutex held: a warning hook that closes the
+    device, on another thread, deadlocked (the close revokes the mapping under that mutex,
+    and the hook waits for the close)."""
+    mem = sg.PhysicalMemory(1 << 24, engine=engine)
+    dev = sg.Device(mem, sg.Iommu(mem))
+    owned = sg.SGTable.new(dev, mem.alloc_pages(2), Dir.TO_DEVICE)
+    table_mutex = owned._raw._life._mutex
+    assert table_mutex is not None
+    outcome: List[Any] = []
+
+    def hook(message: Any, *args: Any, **kwargs: Any) -> None:
+        outcome.append(table_mutex._is_owned())  # type: ignore[attr-defined]
+        closer = InThread(dev.close, "closer")
+        outcome.append(closer.running_after(5))  # True: deadlocked on the mutex
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = hook
+        del owned
+        gc.collect()
+    assert outcome == [False, False]
+    assert dev.closed and mem.free_pages == mem.n_pages
+
+
+# -- 4. free-mapped on an owned table's close ---------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["raise", "warn"])
+def test_closing_an_sgtable_whose_pages_a_hand_mapping_still_maps(engine: str, mode: str) -> None:
+    """SGTable.close() frees its pages; a table mapped by hand on the same pages would then
+    let the device reach their next owner.  dma-debug used to check only Pages.close() and the
+    safety nets: now raise mode refuses the close before it changes anything, and warn mode
+    reports it (free-mapped)."""
+    mem = sg.PhysicalMemory(1 << 24, engine=engine)
+    dev = sg.Device(mem, debug=mode)
+    pages = mem.alloc_pages(4)
+    by_hand = sg.alloc_table_from_pages(pages.pfns, engine=engine)
+    sg.dma_map_sgtable(dev, by_hand, Dir.TO_DEVICE)
+    owned = sg.SGTable.new(dev, pages, Dir.TO_DEVICE)
+    if mode == "raise":
+        with pytest.raises(sg.DmaApiError, match="still DMA-mapped") as info:
+            owned.close()
+        assert info.value.rule == "free-mapped"
+        assert not owned.closed and not pages.closed and dev.live_mappings == 2
+        assert mem.free_pages == mem.n_pages - 4
+        sg.dma_unmap_sgtable(dev, by_hand, Dir.TO_DEVICE)
+        owned.close()  # nothing maps them now
+    else:
+        with pytest.warns(sg.DmaApiWarning, match=r"still DMA-mapped.*\[rule free-mapped\]"):
+            owned.close()
+        assert owned.closed and pages.closed
+        sg.dma_unmap_sgtable(dev, by_hand, Dir.TO_DEVICE)
+    assert dev.live_mappings == 0 and mem.free_pages == mem.n_pages
+    by_hand.close()
+
+
+def test_an_sgtable_close_with_no_other_mapping_reports_nothing(engine: str) -> None:
+    """The table's own mapping is not a finding: it goes first."""
+    mem = sg.PhysicalMemory(1 << 24, engine=engine)
+    dev = sg.Device(mem, sg.Iommu(mem), debug="raise")
+    owned = sg.SGTable.new(dev, mem.alloc_pages(3), Dir.BIDIRECTIONAL)
+    owned.close()
+    assert dev.debug_error_count == 0 and mem.free_pages == mem.n_pages
+
+
+# -- 5. a fork while SGTable.new delivers its warning --------------------------------------------
+
+
+def _overlap_setup(engine: str) -> Any:
+    """A device in warn mode, and pages whose one entry crosses its segment boundary:
+    SGTable.new on them delivers a dma-debug warning."""
+    mem = sg.PhysicalMemory(1 << 24, engine=engine)
+    dev = sg.Device(mem, debug="warn", max_segment_size=2 * PAGE, seg_boundary_mask=PAGE - 1)
+    pages = mem.alloc_pages(2, "contiguous")  # one 8 KiB entry across a 4 KiB boundary: warns
+    return mem, dev, pages
+
+
+@needs_fork
+@pytest.mark.parametrize("wait_seconds", [0.2, 5.0])
+def test_a_fork_while_sgtable_new_delivers_its_warning(
+    engine: str, wait_seconds: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SGTable.new delivers its warning between claiming the pages and handing them to the
+    table, and used to do it outside the package: a fork then went ahead at once, and the
+    child's pages stayed "being taken" for good (every close refused).  Now the fork waits
+    for it; when it does not leave in time, the pages are unusable in the child, with an
+    error naming the fork."""
+    from test_edges import _child
+
+    monkeypatch.setattr(util, "FORK_WAIT_SECONDS", wait_seconds)
+    mem, dev, pages = _overlap_setup(engine)
+    inside, release = threading.Event(), threading.Event()
+
+    def hook(*args: Any, **kwargs: Any) -> None:
+        if threading.current_thread().name == "maker":
+            inside.set()
+            release.wait(10)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = hook
+        maker = InThread(lambda: sg.SGTable.new(dev, pages, Dir.BIDIRECTIONAL), "maker")
+        assert inside.wait(5)
+        threading.Timer(0.6, release.set).start()
+        started = time.monotonic()
+        if wait_seconds > 1:
+
+            def child() -> bool:  # the fork waited: the table exists, the pages are its
+                return pages.owned and dev.live_mappings == 1
+
+        else:
+
+            def child() -> bool:
+                try:
+                    pages.pfns
+                    return False
+                except sg.ClosedError as exc:
+                    return "when the process forked" in str(exc) and not pages.owned
+
+        assert _child(child) == 0
+        waited = time.monotonic() - started
+        owner = maker.result()
+    if wait_seconds > 1:
+        assert waited >= 0.5  # the fork waited for SGTable.new to hand the pages over
+    owner.close()
+    assert pages.closed and mem.free_pages == mem.n_pages
+
+
+# -- 6. an IOMMU changed through a device at a fork ---------------------------------------------
+
+
+@needs_fork
+def test_an_iommu_a_map_is_changing_at_fork_is_unusable_in_the_child(
+    engine: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A map in flight changes the device's IOMMU (in the model engine under a Python lock
+    that the child re-creates): after the fork's time limit the child used to use that IOMMU
+    half changed.  The map enters the IOMMU too, so the child refuses it."""
+    from test_edges import _child
+
+    monkeypatch.setattr(util, "FORK_WAIT_SECONDS", 0.2)
+    mem = sg.PhysicalMemory(1 << 24, engine=engine)
+    iommu = sg.Iommu(mem)
+    dev = sg.Device(mem, iommu)
+    table = sg.alloc_table_from_pages([1, 3, 5], engine=engine)
+    with Pause(engine, "dma_map", timeout=30) as pause:
+        mapper = InThread(lambda: sg.dma_map_sgtable(dev, table, Dir.TO_DEVICE), "mapper")
+        assert pause.entered.wait(5)
+
+        def child() -> bool:
+            try:
+                iommu.mapped_pages
+                return False
+            except sg.ClosedError as exc:
+                return "when the process forked" in str(exc)
+
+        assert _child(child) == 0
+        pause.resume()
+        mapper.result()
+    assert iommu.mapped_pages == 3  # the parent is not affected
+    sg.dma_unmap_sgtable(dev, table, Dir.TO_DEVICE)
+    assert iommu.mapped_pages == 0
+
+
+# -- 7. no user code inside the package ----------------------------------------------------------
+
+
+def _inside_package() -> bool:
+    state = getattr(util._local, "state", None)
+    return bool(state and state[util._DEPTH])
+
+
+class WatchedMemory(sg.PhysicalMemory):
+    reads_inside: List[str] = []
+
+    @property
+    def page_size(self) -> int:
+        if _inside_package():
+            WatchedMemory.reads_inside.append("page_size")
+        return super().page_size
+
+
+class WatchedDevice(sg.Device):
+    """A subclass whose properties are user code: the package must read its own fields
+    inside calls (a property that blocks there used to hold a table's mutex)."""
+
+    reads_inside: List[str] = []
+
+    def _note(self, name: str) -> None:
+        if _inside_package():
+            WatchedDevice.reads_inside.append(name)
+
+    @property
+    def debug(self) -> Any:
+        self._note("debug")
+        return super().debug
+
+    @debug.setter
+    def debug(self, mode: Any) -> None:
+        sg.Device.debug.fset(self, mode)  # type: ignore[attr-defined]
+
+    @property
+    def iommu(self) -> Any:
+        self._note("iommu")
+        return super().iommu
+
+    @property
+    def memory(self) -> Any:
+        self._note("memory")
+        return super().memory
+
+
+@pytest.mark.parametrize("mode", ["off", "warn"])
+def test_subclass_properties_are_never_read_inside_a_call(engine: str, mode: str) -> None:
+    WatchedDevice.reads_inside.clear()
+    WatchedMemory.reads_inside.clear()
+    mem = WatchedMemory(1 << 24, engine=engine)
+    dev = WatchedDevice(mem, sg.Iommu(mem), debug=mode)
+    pages = mem.alloc_pages(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        raw = sg.alloc_table_from_pages([20, 21], engine=engine)
+        sg.dma_map_sgtable(dev, raw, Dir.BIDIRECTIONAL)
+        dev.dma_write_table(raw, b"data")
+        assert dev.dma_read_table(raw, 4) == b"data"
+        sg.dma_sync_sgtable_for_cpu(dev, raw, Dir.BIDIRECTIONAL)
+        sg.dma_unmap_sgtable(dev, raw, Dir.BIDIRECTIONAL)
+        raw.close()
+        owned = sg.SGTable.new(dev, pages, Dir.BIDIRECTIONAL)
+        owned.copy_from_buffer(b"abc")
+        assert owned.copy_to_buffer(3) == b"abc"
+        owned.close()
+        dropped = sg.SGTable.new(dev, mem.alloc_pages(1), Dir.TO_DEVICE)
+        del dropped
+        gc.collect()
+    assert WatchedDevice.reads_inside == [] and WatchedMemory.reads_inside == []
+    assert mem.free_pages == mem.n_pages
+
+
+@needs_fork
+def test_the_fork_forgets_threads_that_ended(engine: str) -> None:
+    """Each thread that entered the package has a state the fork gate looks at: the states
+    of ended threads are dropped (at the next fork) rather than kept for good."""
+    from test_edges import _child
+
+    mem = sg.PhysicalMemory(1 << 20, engine=engine)
+    threads = [threading.Thread(target=mem.read, args=(0, 1)) for _ in range(40)]
+    for thread in threads:
+        thread.start()
+        thread.join()
+    assert _child(lambda: True) == 0
+    alive = {thread.ident for thread in threading.enumerate()}
+    assert set(util._thread_states) <= alive
