@@ -294,7 +294,8 @@ class Lifetime:
       time.  A call that uses several objects enters them in one order: memory, IOMMU,
       device, table.  Entering waits while a close decides (it may be refused) and for a
       table's call in flight, nothing else; a thread's first entry into the package also
-      waits while a fork is waiting for the calls in flight to leave it.
+      waits while a fork is waiting for the calls in flight to leave it (unless the thread
+      is the one forking).
     * **Pins** are dependents whose engine side points at this one (a device on a memory):
       while pinned, the object is not destroyed and ``close()`` refuses with BusyError.
     * ``close()`` is idempotent, also when threads race on it (the later ones wait for the
@@ -306,7 +307,10 @@ class Lifetime:
       never waits and never raises; the teardown runs once no call is in flight and no pin is
       held, by whichever of the releaser, the last call or the last pin comes last.  Run on a
       thread that is inside the package (the collector strikes at any allocation), it is put
-      off until that thread's outermost call leaves.
+      off until that thread's outermost call leaves (``after_leaving``, as are the reports a
+      teardown delivers: no user code runs under the package's locks).
+    * ``use()`` lets a dependent that pins a shared object count as a call on it whatever
+      its owner did (a map changing a device's IOMMU), so that a fork sees it in use.
     * ``hold()`` lets an exclusive object's dependents use it for their own teardown (a DMA
       mapping undoing itself on its table) whatever its state: it takes the mutex, and the
       dependent checks its own state first.

@@ -29,10 +29,10 @@ map call.  Reports use the kernel's wording and name the rule broken:
   the report names the exposed physical range (the kernel does this; it does not report it);
 - ``unbind-pending``: mappings still live when the device unbinds, each with its traceback;
 - ``leak``: a table dropped while still mapped (garbage-collected without unmap or close);
-- ``free-mapped``: pages freed (``Pages.close`` or their safety net) while a recorded mapping
-  still maps them: once the allocator hands them to a new owner, the device would reach the
-  new owner's data.  In ``raise`` mode the close is refused; a safety net keeps the pages
-  allocated rather than free them.
+- ``free-mapped``: pages freed (``Pages.close``, ``SGTable.close`` or a safety net) while a
+  recorded mapping still maps them: once the allocator hands them to a new owner, the device
+  would reach the new owner's data.  In ``raise`` mode the close is refused; a safety net
+  keeps the pages allocated rather than free them.
 
 This module knows devices only through :class:`DebugTarget`: a name and a debug mode.  The
 DMA layer (``scatterlist.dma``) runs the checks, makes its state change, then delivers the
