@@ -433,3 +433,197 @@ def test_the_fork_forgets_threads_that_ended(engine: str) -> None:
     assert _child(lambda: True) == 0
     alive = {thread.ident for thread in threading.enumerate()}
     assert set(util._thread_states) <= alive
+
+
+# -- third review: a failed unmap frees nothing; a failed map maps nothing ------------------------
+
+
+@needs_fork
+def test_closing_in_a_child_whose_iommu_is_unusable_frees_nothing(
+    engine: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A map on another device of the same IOMMU is in flight at the fork and does not leave
+    in time: the IOMMU is unusable in the child.  Closing an SGTable mapped through it there
+    used to free its entries and pages anyway (the unmap failed, the rest ran in ``finally``):
+    the next call read freed memory, and the device read the pages' next owner.  Now the
+    close is refused having changed nothing, and the devices on that IOMMU are unusable."""
+    from test_edges import _child
+
+    monkeypatch.setattr(util, "FORK_WAIT_SECONDS", 0.2)
+    mem = sg.PhysicalMemory(1 << 24, engine=engine)
+    iommu = sg.Iommu(mem)
+    dev, other = sg.Device(mem, iommu, name="dev"), sg.Device(mem, iommu, name="other")
+    pages = mem.alloc_pages(2)
+    owned = sg.SGTable.new(dev, pages, Dir.BIDIRECTIONAL)
+    iova, segments = owned.entries()[0].dma_address, owned.nents
+    raw = sg.alloc_table_from_pages([100], engine=engine)
+    hold_other = Pause(engine, "dma_map", when=lambda handle, *a: handle is other._life.handle)
+    with hold_other as pause:
+        mapper = InThread(lambda: sg.dma_map_sgtable(other, raw, Dir.TO_DEVICE), "mapper")
+        assert pause.entered.wait(5)
+
+        def child() -> bool:
+            try:
+                owned.close()
+                return False
+            except sg.ClosedError as exc:
+                refused = "when the process forked" in str(exc)
+            intact = not owned.closed and not pages.closed and owned.nents == segments
+            try:
+                dev.dma_read(iova, 4)
+                return False
+            except sg.ClosedError as exc:
+                device_refused = "when the process forked" in str(exc)
+            return refused and intact and device_refused
+
+        assert _child(child) == 0
+        pause.resume()
+        mapper.result()
+    owned.close()  # the parent is not affected
+    sg.dma_unmap_sgtable(other, raw, Dir.TO_DEVICE)
+    assert iommu.mapped_pages == 0 and mem.free_pages == mem.n_pages
+
+
+@pytest.mark.parametrize("how", ["dma_map_sgtable", "SGTable.new"])
+def test_a_map_that_fails_after_the_engine_mapped_is_undone(engine: str, how: str) -> None:
+    """A failure after the engine made the mapping (here: the host out of memory while
+    dma-debug records it) used to leave the table mapped, with no record, while the call
+    raised; SGTable.new then gave the pages back to the caller with their IOVAs still live,
+    and the device read their next owner."""
+    mem = sg.PhysicalMemory(1 << 24, engine=engine)
+    iommu = sg.Iommu(mem)
+    dev = sg.Device(mem, iommu, debug="warn")
+    pages = mem.alloc_pages(2)
+
+    def out_of_memory(real: Any, *args: Any) -> Any:
+        raise MemoryError
+
+    with EngineHook(engine, "table_export_dma", out_of_memory), pytest.raises(MemoryError):
+        if how == "SGTable.new":
+            sg.SGTable.new(dev, pages, Dir.TO_DEVICE)
+        else:
+            raw = sg.alloc_table_from_pages(pages.pfns, engine=engine)
+            sg.dma_map_sgtable(dev, raw, Dir.TO_DEVICE)
+    assert iommu.mapped_pages == 0 and iommu.iova_ranges() == [] and dev.live_mappings == 0
+    if how == "dma_map_sgtable":
+        assert not raw.mapped and raw.nents == raw.orig_nents
+        raw.close()
+    assert not pages.owned
+    pages.close()
+    assert mem.free_pages == mem.n_pages
+
+
+def test_a_device_subclass_name_is_not_read_inside_a_call(engine: str) -> None:
+    """dma-debug names the device in its records and reports; a subclass's ``name`` property
+    is user code (one that raised made a map fail after the engine mapped)."""
+    reads: List[bool] = []
+
+    class Named(sg.Device):
+        @property
+        def name(self) -> str:
+            reads.append(_inside_package())
+            raise RuntimeError("not here")
+
+    mem = sg.PhysicalMemory(1 << 24, engine=engine)
+    dev = Named(mem, sg.Iommu(mem), name="named", debug="raise")
+    raw = sg.alloc_table_from_pages([4, 9], engine=engine)
+    sg.dma_map_sgtable(dev, raw, Dir.TO_DEVICE)
+    with pytest.raises(sg.DmaApiError, match="named: device driver frees DMA sg list"):
+        sg.dma_unmap_sg(dev, raw, 1, Dir.TO_DEVICE)
+    sg.dma_unmap_sgtable(dev, raw, Dir.TO_DEVICE)
+    assert True not in reads
+    raw.close()
+
+
+# -- third review: code run inside a close on the closing thread ---------------------------------
+
+
+@pytest.mark.parametrize("kind", ["device", "memory"])
+def test_a_call_from_inside_a_close_on_the_same_thread_is_refused(engine: str, kind: str) -> None:
+    """A signal handler or a __del__ that runs inside close() on the closing thread and uses
+    the object waited for the outcome of that very close, for good.  It is refused."""
+    mem = sg.PhysicalMemory(1 << 24, engine=engine)
+    target: Any = mem
+    use: Any = lambda: mem.free_pages  # noqa: E731
+    method = "memory_destroy"
+    if kind == "device":
+        dev = target = sg.Device(mem)
+        use, method = (lambda: dev.bound), "device_destroy"
+    outcome: List[Any] = []
+
+    def inside(real: Any, *args: Any) -> Any:
+        for attempt in (use, target.close):
+            try:
+                attempt()
+                outcome.append("ran")
+            except sg.BusyError as exc:
+                outcome.append(str(exc))
+        return real(*args)
+
+    with EngineHook(engine, method, inside):
+        InThread(target.close, "closer").result(10)  # a deadlock fails here
+    assert len(outcome) == 2
+    assert all("is being closed by this thread" in text for text in outcome), outcome
+    assert target.closed
+
+
+# -- third review: the model's locks and dma-debug's lock under re-entry -------------------------
+
+
+def test_code_run_under_a_model_lock_may_call_in_again(engine: str) -> None:
+    """The model engine runs Python under its memory lock; a __del__ or a signal handler that
+    runs there and calls the package again used to deadlock on that lock (the C engine never
+    runs Python under its locks).  Forced: code run inside the lock reads the memory."""
+    mem = sg.PhysicalMemory(1 << 24, engine=engine)
+    mem.write(0, b"outer")
+    if engine == "model":
+        model = mem._life.handle
+        real_pieces = type(model)._pieces
+        seen: List[bytes] = []
+
+        def pieces(self: Any, *args: Any) -> Any:
+            if not seen:
+                seen.append(b"")
+                seen[0] = mem.read(0, 5)  # re-enters under the held lock
+            return real_pieces(self, *args)
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(type(model), "_pieces", pieces)
+            done = InThread(lambda: mem.read(0, 5), "reader").result(10)
+        assert seen == [b"outer"] and done == b"outer"
+    else:
+        inner: List[bytes] = []
+
+        def reenter(real: Any, *args: Any) -> Any:
+            if not inner:  # the C holds no lock while Python runs
+                inner.append(b"")
+                inner[0] = mem.read(0, 5)
+            return real(*args)
+
+        with EngineHook(engine, "memory_read", reenter):
+            assert InThread(lambda: mem.read(0, 5), "reader").result(10) == b"outer"
+    mem.close()
+
+
+def test_a_safety_net_inside_dma_debug_reports_after_its_lock(engine: str) -> None:
+    """The collector may run a safety net while this thread holds dma-debug's lock (inside
+    debug.dump()): its leak report is delivered once the lock is free."""
+    from scatterlist import debug
+
+    mem = sg.PhysicalMemory(1 << 24, engine=engine)
+    dev = sg.Device(mem, sg.Iommu(mem), debug="warn")
+    table = sg.alloc_table_from_pages([7], engine=engine)
+    sg.dma_map_sgtable(dev, table, Dir.TO_DEVICE)
+    lock_held: List[bool] = []
+
+    def hook(*args: Any, **kwargs: Any) -> None:
+        lock_held.append(debug._guard.lock._is_owned())  # type: ignore[attr-defined]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = hook
+        with debug._guard:
+            table._finalizer()  # what the collector does, inside the lock
+            assert lock_held == []  # put off
+    assert lock_held == [False, False]  # the ResourceWarning and the leak report
+    assert dev.live_mappings == 0 and table.closed

@@ -271,8 +271,13 @@ def _after_fork_in_child() -> None:
     _thread_states.clear()
     if mine is not None:
         _thread_states[me] = mine
-    for obj in list(_fork_registry):
+    objects = list(_fork_registry)
+    for obj in objects:
         obj._reinit_after_fork()
+    for obj in objects:  # once every object knows whether it is usable
+        settle = getattr(obj, "_settle_after_fork", None)
+        if settle is not None:
+            settle()
 
 
 _OPEN = "open"
@@ -364,6 +369,11 @@ class Lifetime:
     def destroyed(self) -> bool:
         return self._state is _DONE
 
+    @property
+    def forked(self) -> bool:
+        """In a forked child: unusable, it was in use by another thread at the fork."""
+        return self._state is _FORKED
+
     def pinned_by(self) -> str:
         """The dependents, for messages: ``"2 Pages, 1 Device"``."""
         with self._cond:
@@ -405,6 +415,7 @@ class Lifetime:
             # A close deciding (pins, prepare) may yet be refused: wait for its outcome
             # rather than fail, unless this thread is in a call on the object already.
             while self._state is _CLOSING and tid not in self._callers:
+                self._refuse_if_closing_here(tid)
                 self._cond.wait()
             if self._state is _OPEN or self._state is _CLOSING:
                 self._calls += 1
@@ -532,6 +543,7 @@ class Lifetime:
                     )
                 if self._state is _OPEN:
                     break
+                self._refuse_if_closing_here(tid)
                 self._cond.wait()  # another thread is closing it: wait for the outcome
             self._refuse_if_pinned(revocable)
             if self._mutex is None:
@@ -597,6 +609,14 @@ class Lifetime:
             self._tear_down_exclusive()
 
     # -- internals ----------------------------------------------------------------------
+    def _refuse_if_closing_here(self, tid: int) -> None:
+        """Waiting for the outcome of a close running on this very thread would never end."""
+        if self._closer == tid:
+            raise BusyError(
+                f"{self.what} is being closed by this thread: code run inside its close() "
+                f"(a signal handler, or a __del__ the collector ran) cannot use or close it"
+            )
+
     def _refuse_if_pinned(self, ignore: Tuple[str, ...] = ()) -> None:
         pins = sorted((kind, count) for kind, count in self._pins.items() if kind not in ignore)
         if pins:

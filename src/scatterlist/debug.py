@@ -50,7 +50,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Protocol, Sequence, Tuple
 
-from ._util import reinit_after_fork
+from ._util import in_package, reinit_after_fork
 from .constants import U64_MAX, DataDirection
 from .errors import DmaApiError, DmaApiWarning, InvalidArgument
 
@@ -78,7 +78,9 @@ def _mode_from_env() -> str:
 
 
 class _Locked:
-    """The module's lock, re-created in a forked child."""
+    """The module's lock, re-created in a forked child.  ``with _guard:`` takes it inside the
+    package, so that a safety net the collector runs meanwhile (its teardown forgets a record;
+    its report runs user code) is put off until the lock is free."""
 
     def __init__(self) -> None:
         self.lock = threading.RLock()
@@ -86,6 +88,17 @@ class _Locked:
 
     def _reinit_after_fork(self) -> None:
         self.lock = threading.RLock()
+
+    def __enter__(self) -> None:
+        _INSIDE.__enter__()
+        self.lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.lock.release()
+        _INSIDE.__exit__()
+
+
+_INSIDE = in_package()
 
 
 _guard = _Locked()
@@ -123,6 +136,15 @@ def mode_of(target: DebugTarget) -> str:
     return own or _global_mode
 
 
+def name_of(target: DebugTarget) -> str:
+    """A Device's own name field (see mode_of)."""
+    try:
+        name = object.__getattribute__(target, "_name")
+    except AttributeError:
+        name = target.name  # another DebugTarget
+    return str(name)
+
+
 def error_count() -> int:
     """Reports made since the process started (or :func:`reset_error_count`)."""
     return _error_count
@@ -130,7 +152,7 @@ def error_count() -> int:
 
 def reset_error_count() -> None:
     global _error_count
-    with _guard.lock:
+    with _guard:
         _error_count = 0
 
 
@@ -196,13 +218,13 @@ def deliver(target: DebugTarget, findings: Sequence[Finding], stacklevel: int = 
     global _error_count
     if not findings:
         return
-    with _guard.lock:
+    with _guard:
         _error_count += len(findings)
         _records_of(target).error_count += len(findings)
     mode = mode_of(target)
     texts = []
     for finding in findings:
-        text = f"DMA-API: {target.name}: {finding.message} [rule {finding.rule}]"
+        text = f"DMA-API: {name_of(target)}: {finding.message} [rule {finding.rule}]"
         if finding.entry is not None:
             text += "\nMapped at:\n" + finding.entry.traceback
         texts.append((finding.rule, text))
@@ -222,7 +244,7 @@ def _require_target(device: object) -> None:
 def device_error_count(device: DebugTarget) -> int:
     """Reports made against one device."""
     _require_target(device)
-    with _guard.lock:
+    with _guard:
         records = _records.get(device)
         return 0 if records is None else records.error_count
 
@@ -310,7 +332,7 @@ def check_map(
                 )
             )
     if direction != DataDirection.TO_DEVICE:  # TO_DEVICE mappings are not tracked for overlaps
-        with _guard.lock:
+        with _guard:
             for index in range(mapped_ents):
                 pfn, offset, _ = cpu_rows[index]
                 line = (pfn * page_size + offset) >> L1_CACHE_SHIFT
@@ -347,7 +369,7 @@ def record_map(
         else:
             phys_ranges.append((start, start + length))
     entry = DebugEntry(
-        target.name,
+        name_of(target),
         segments,
         direction,
         call_ents,
@@ -356,7 +378,7 @@ def record_map(
         memory_key=memory_key,
         phys_ranges=phys_ranges,
     )
-    with _guard.lock:
+    with _guard:
         records = _records_of(target)
         records.entries.append(entry)
         for addr, _, _ in segments:
@@ -372,7 +394,7 @@ def forget(target: DebugTarget, entry: Optional[DebugEntry]) -> None:
     """The mapping is gone: drop its record."""
     if entry is None:
         return
-    with _guard.lock:
+    with _guard:
         records = _records_of(target)
         _remove_identical(records.entries, entry)  # (equal records may be distinct maps)
         for addr, _, _ in entry.segments:
@@ -397,16 +419,16 @@ def _remove_identical(entries: List[DebugEntry], entry: DebugEntry) -> None:
 
 
 def _find(target: DebugTarget, dev_addr: int) -> Optional[DebugEntry]:
-    with _guard.lock:
+    with _guard:
         records = _records.get(target)
         sharing = None if records is None else records.by_address.get(dev_addr)
         return sharing[-1] if sharing else None
 
 
 def _owner_of(dev_addr: int, besides: DebugTarget) -> Optional[str]:
-    with _guard.lock:
+    with _guard:
         targets = [target for target in _records.keys() if target is not besides]
-    return next((target.name for target in targets if _find(target, dev_addr) is not None), None)
+    return next((name_of(t) for t in targets if _find(t, dev_addr) is not None), None)
 
 
 def check_unmap(
@@ -474,7 +496,7 @@ def check_sync(
     findings = []
     for dev_addr, size in ranges:
         entry, seg_size, seg_addr = None, 0, 0
-        with _guard.lock:
+        with _guard:
             records = _records.get(target)
             for candidate in records.entries if records else []:
                 for addr, length, _ in candidate.segments:
@@ -560,7 +582,7 @@ def check_free(
     """Pages about to be freed that a recorded mapping still maps: the device could go on
     reading and writing them once the allocator hands them to a new owner.  One finding per
     such mapping, with the device it is reported against."""
-    with _guard.lock:
+    with _guard:
         candidates = [
             (target, entry)
             for target, records in list(_records.items())
@@ -594,7 +616,7 @@ def check_free(
 def check_unbind(target: DebugTarget) -> List[Finding]:
     """Mappings still live when the device unbinds: one finding listing each with its
     traceback."""
-    with _guard.lock:
+    with _guard:
         records = _records.get(target)
         pending = list(records.entries) if records else []
     if not pending:
@@ -626,7 +648,7 @@ def dump(device: Optional[DebugTarget] = None) -> List[DebugEntry]:
     """The live recorded mappings (of one device, or of all)."""
     if device is not None:
         _require_target(device)
-    with _guard.lock:
+    with _guard:
         if device is not None:
             records = _records.get(device)
             return list(records.entries) if records else []

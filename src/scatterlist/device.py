@@ -84,7 +84,7 @@ class Mapping:
 
     @property
     def device_name(self) -> str:
-        return self.device.name
+        return self.device._name
 
     def finish(self, *, revoked: bool = False) -> Optional[dma_debug.DebugEntry]:
         """Bookkeeping once the engine has unmapped (the caller holds the table's mutex):
@@ -119,7 +119,7 @@ class Mapping:
 
         def report() -> None:
             warnings.warn(
-                f"{leaked} dropped while DMA-mapped for device {device.name!r}: "
+                f"{leaked} dropped while DMA-mapped for device {device._name!r}: "
                 f"its safety net unmapped it; unmap or close it yourself",
                 ResourceWarning,
                 stacklevel=2,
@@ -151,14 +151,20 @@ class _DeviceState:
         # Re-entrant: a safety net the collector runs while this thread holds it (a mapping
         # being forgotten) takes it again.
         self.lock = threading.RLock()
-        self.limits_lock = threading.Lock()
+        self.limits_lock = threading.RLock()
         reinit_after_fork(self)
         self.mappings: Dict[int, Mapping] = {}  # id -> mapping, oldest first
         self.life = Lifetime(f"Device {name!r}", handle, self._teardown)
 
     def _reinit_after_fork(self) -> None:
         self.lock = threading.RLock()
-        self.limits_lock = threading.Lock()
+        self.limits_lock = threading.RLock()
+
+    def _settle_after_fork(self) -> None:
+        """A device reaches its memory and IOMMU without entering them: in a child where
+        either is unusable (half changed at the fork), the device is unusable too."""
+        if self.memory_life.forked or (self.iommu_life is not None and self.iommu_life.forked):
+            self.life.mark_forked()
 
     def in_iommu(self) -> ContextManager[Any]:
         """Enter the device's IOMMU, if it has one, for a call that changes it through the

@@ -69,34 +69,42 @@ def map_table(
         call_ents = engine.table_counts(table_handle).orig_nents if nents is None else nents
         count = engine.dma_map(dev_handle, table_handle, direction, nents)
         state = table._state
-        mapping = Mapping(dev, state, direction, call_ents, devres)
-        state.mapping = mapping
-        state.changed("it was DMA-mapped")
+        mapping: Optional[Mapping] = None
         try:
-            dev._state.register(mapping)
-        except BaseException:
-            mapping.end(table_handle)  # an owned table's device was unbound meanwhile
-            raise
-        if debugging:
-            cpu = _cpu_rows(engine.table_export_cpu(table_handle, call_ents))
-            dma = _dma_rows(engine.table_export_dma(table_handle, count))
-            limits = engine.device_limits(dev_handle)
-            findings = dma_debug.check_map(
-                cpu,
-                dma,
-                table.page_size,
-                direction,
-                count,
-                max_segment_size=limits.max_segment_size,
-                seg_boundary_mask=limits.seg_boundary_mask,
-                granule=None if iommu is None else iommu._granule,
-            )
-            if findings and dma_debug.mode_of(dev) == "raise":
-                mapping.end(table_handle)  # refused: nothing stays mapped or recorded
-            else:
-                mapping.debug_entry = dma_debug.record_map(
-                    dev, cpu, dma, table.page_size, direction, call_ents, count, id(dev._memory)
+            mapping = Mapping(dev, state, direction, call_ents, devres)
+            state.mapping = mapping
+            state.changed("it was DMA-mapped")
+            dev._state.register(mapping)  # DeviceUnbound: an owned table's device was unbound
+            if debugging:
+                cpu = _cpu_rows(engine.table_export_cpu(table_handle, call_ents))
+                dma = _dma_rows(engine.table_export_dma(table_handle, count))
+                limits = engine.device_limits(dev_handle)
+                findings = dma_debug.check_map(
+                    cpu,
+                    dma,
+                    table.page_size,
+                    direction,
+                    count,
+                    max_segment_size=limits.max_segment_size,
+                    seg_boundary_mask=limits.seg_boundary_mask,
+                    granule=None if iommu is None else iommu._granule,
                 )
+                if findings and dma_debug.mode_of(dev) == "raise":
+                    mapping.end(table_handle)  # refused: nothing stays mapped or recorded
+                else:
+                    mapping.debug_entry = dma_debug.record_map(
+                        dev, cpu, dma, table.page_size, direction, call_ents, count, id(dev._memory)
+                    )
+        except BaseException:
+            # Whatever failed after the engine mapped (an unbind, the host out of memory, a
+            # KeyboardInterrupt): the map is undone, so the caller gets a table as it was.
+            if mapping is not None:
+                mapping.end(table_handle)
+            else:
+                engine.dma_unmap(dev_handle, table_handle, direction, call_ents)
+                state.mapping = None
+                state.changed("its DMA map was undone")
+            raise
     return mapping, count, findings
 
 

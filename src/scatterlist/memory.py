@@ -183,7 +183,7 @@ class Pages:
     _size_bytes: int
     _owning_table: "Optional[Callable[[], Any]]"  # a weakref, or _being_taken
     _claimer: Optional[int]  # the thread of the SGTable.new taking them
-    _claim_lock: threading.Lock
+    _claim_lock: "threading.RLock"
     _life: Lifetime
     _finalizer: "weakref.finalize[Any, Any]"
 
@@ -201,7 +201,7 @@ class Pages:
         # The SGTable that owns these pages (held weakly: it holds the pages).
         self._owning_table = None
         self._claimer = None
-        self._claim_lock = threading.Lock()
+        self._claim_lock = threading.RLock()
         reinit_after_fork(self)
         self._life = Lifetime("Pages", pfns, _pages_teardown(memory))
         self._finalizer = weakref.finalize(self, self._life.release)
@@ -248,7 +248,7 @@ class Pages:
         return self._owning_table is not None and not self._life.closed
 
     def _reinit_after_fork(self) -> None:
-        self._claim_lock = threading.Lock()
+        self._claim_lock = threading.RLock()
         if self._owning_table is _being_taken and self._claimer != threading.get_ident():
             # An SGTable.new of another thread of the parent was taking them (the fork did
             # not wait for it to end): their table, mapped or not, is lost in this child.

@@ -73,14 +73,12 @@ class _OwnedTeardown:
             self.raw_state.after_teardown(self.pages_life.release)
             self.raw_life.release()
             return
-        try:
-            with self.raw_life.hold() as table_handle:
-                self.mapping.end(table_handle)
-        finally:
-            try:
-                self.raw_life.close()
-            finally:
-                self.reports.extend(self.pages._close_for_table())
+        # One step after the other, each done once: a step that fails (the unmap, when the
+        # IOMMU is unusable in a forked child) refuses the close, with nothing after it done.
+        with self.raw_life.hold() as table_handle:
+            self.mapping.end(table_handle)
+        self.raw_life.close()
+        self.reports.extend(self.pages._close_for_table())
 
 
 class SGTable(Generic[S]):

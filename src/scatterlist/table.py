@@ -77,11 +77,11 @@ class TableState:
         self.mapping: Optional[TableAttachment] = None
         self.life = Lifetime("RawTable", handle, self._teardown, exclusive=True)
         self._after: Optional[List[Callable[[], None]]] = []  # None once torn down
-        self._after_lock = threading.Lock()
+        self._after_lock = threading.RLock()
         reinit_after_fork(self)
 
     def _reinit_after_fork(self) -> None:
-        self._after_lock = threading.Lock()
+        self._after_lock = threading.RLock()
 
     def changed(self, why: str) -> None:
         """Entries and iterators read before now are stale (``why`` tells them how)."""
@@ -102,12 +102,14 @@ class TableState:
         """The drop order: the DMA mapping first, then the entries, then what waits on them."""
         report = None
         mapping = self.mapping
+        if mapping is not None and mapping.live:
+            # If the unmap fails (its IOMMU is unusable in a forked child), nothing is freed:
+            # a close is refused as it stands, a safety net leaves table and pages allocated.
+            report = mapping.end(handle, leaked=None if by_owner else self.owner)
+        self.changed("it was closed")
         try:
-            if mapping is not None and mapping.live:
-                report = mapping.end(handle, leaked=None if by_owner else self.owner)
-        finally:
-            self.changed("it was closed")
             self.engine.table_destroy(handle)
+        finally:
             with self._after_lock:
                 after, self._after = self._after or [], None
             for release in after:

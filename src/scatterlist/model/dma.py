@@ -76,11 +76,11 @@ class ModelDevice:
         self.inject_errno = 0
         self.inject_rng = SplitMix64(0)
         self.injected_failures = 0
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  # re-entrant: see PhysMem.lock
         reinit_after_fork(self)
 
     def _reinit_after_fork(self) -> None:
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()
 
     def set_limits(self, limits: DeviceLimits) -> None:
         """dma_device_set_limits: all four, or none."""

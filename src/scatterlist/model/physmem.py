@@ -84,12 +84,14 @@ class PhysMem:
         self.groups: Dict[int, PageGroup] = {}  # group index -> state; missing = all free
         self.frames: Dict[int, bytearray] = {}  # pfn -> page bytes; missing = zeros
         # Devices on several threads may share a memory: as in the C, every public call that
-        # reads or changes the pages holds this lock (public calls never nest).
-        self.lock = threading.Lock()
+        # reads or changes the pages holds this lock.  Re-entrant: Python code may run inside
+        # it on the same thread (a signal handler, a __del__ the collector runs) and call in
+        # again, which the C core's locks never see (no Python runs under them).
+        self.lock = threading.RLock()
         reinit_after_fork(self)
 
     def _reinit_after_fork(self) -> None:
-        self.lock = threading.Lock()  # a parent thread may have held it at the fork
+        self.lock = threading.RLock()  # a parent thread may have held it at the fork
 
     # -- counters ----------------------------------------------------------------------
     @property
