@@ -570,38 +570,49 @@ def test_a_call_from_inside_a_close_on_the_same_thread_is_refused(engine: str, k
 # -- third review: the model's locks and dma-debug's lock under re-entry -------------------------
 
 
-def test_code_run_under_a_model_lock_may_call_in_again(engine: str) -> None:
-    """The model engine runs Python under its memory lock; a __del__ or a signal handler that
-    runs there and calls the package again used to deadlock on that lock (the C engine never
-    runs Python under its locks).  Forced: code run inside the lock reads the memory."""
+def test_code_run_inside_a_model_call_cannot_call_in_again(engine: str) -> None:
+    """The model engine runs Python under its locks; a __del__ or a signal handler that runs
+    there and calls the package again first deadlocked on the lock, then (re-entrant) ran on
+    half-changed state: two Pages got the same page.  Now it is refused with BusyError, and
+    the outer call is unharmed.  The C engine runs no Python inside a call, so code run
+    around its calls may call in."""
     mem = sg.PhysicalMemory(1 << 24, engine=engine)
     mem.write(0, b"outer")
+    inner: List[Any] = []
     if engine == "model":
         model = mem._life.handle
         real_pieces = type(model)._pieces
-        seen: List[bytes] = []
 
         def pieces(self: Any, *args: Any) -> Any:
-            if not seen:
-                seen.append(b"")
-                seen[0] = mem.read(0, 5)  # re-enters under the held lock
+            if not inner:  # inside the model's memory lock
+                try:
+                    inner.append(mem.alloc_pages(4))
+                except sg.BusyError as exc:
+                    inner.append(exc)
             return real_pieces(self, *args)
 
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(type(model), "_pieces", pieces)
-            done = InThread(lambda: mem.read(0, 5), "reader").result(10)
-        assert seen == [b"outer"] and done == b"outer"
+            outer = InThread(lambda: mem.read(0, 5), "reader").result(10)
+        assert isinstance(inner[0], sg.BusyError)
+        assert "model engine is in the middle of a call on this thread" in str(inner[0])
     else:
-        inner: List[bytes] = []
 
         def reenter(real: Any, *args: Any) -> Any:
-            if not inner:  # the C holds no lock while Python runs
-                inner.append(b"")
-                inner[0] = mem.read(0, 5)
+            if not inner:  # around the C call: the C holds no lock here
+                inner.append(mem.alloc_pages(4))
             return real(*args)
 
         with EngineHook(engine, "memory_read", reenter):
-            assert InThread(lambda: mem.read(0, 5), "reader").result(10) == b"outer"
+            outer = InThread(lambda: mem.read(0, 5), "reader").result(10)
+        inner[0].close()
+    assert outer == b"outer"
+    taken = [mem.alloc_pages(4) for _ in range(3)]
+    pfns = [pfn for pages in taken for pfn in pages.pfns]
+    assert len(set(pfns)) == len(pfns)  # no page handed out twice
+    for pages in taken:
+        pages.close()
+    assert mem.free_pages == mem.n_pages
     mem.close()
 
 
@@ -627,3 +638,129 @@ def test_a_safety_net_inside_dma_debug_reports_after_its_lock(engine: str) -> No
             assert lock_held == []  # put off
     assert lock_held == [False, False]  # the ResourceWarning and the leak report
     assert dev.live_mappings == 0 and table.closed
+
+
+# -- fourth review: a fork from a signal handler while its thread waits --------------------------
+
+
+@needs_fork
+@pytest.mark.parametrize("held_seconds", [0.6, 5.0])
+@pytest.mark.parametrize("wait", ["table mutex", "close"])
+def test_a_fork_from_a_signal_handler_while_its_thread_waits(
+    engine: str, wait: str, held_seconds: float
+) -> None:
+    """The main thread waits inside the package (for a table's mutex, or in a close for a
+    call in flight) when a signal handler forks.  The child's thread went on waiting on the
+    lock or condition the child had replaced: it hung for good, or released a lock it never
+    took.  Now it looks again: when the other call left before the fork (held 0.6 s) the
+    object works in the child; when it did not (held 5 s, the fork waits 0.3 s) the object
+    refuses with an error naming the fork."""
+    result = _run(f"""
+        import os, signal, sys, threading
+        sys.path.insert(0, {HERE!r})
+        import scatterlist as sg
+        import scatterlist._util as util
+        from helpers import InThread, Pause
+        util.FORK_WAIT_SECONDS = 0.3 if {held_seconds} > 1 else 2.0
+        mem = sg.PhysicalMemory(1 << 24, engine={engine!r})
+        table = sg.alloc_table_from_pages([0, 2], engine={engine!r})
+        if {wait!r} == "table mutex":
+            method, call = "table_copy", lambda: table.counts().orig_nents
+            other = lambda: table.copy_to_buffer(mem, 8)
+        else:
+            method, call = "memory_read", lambda: (mem.close(), mem.read(0, 1))
+            other = lambda: mem.read(0, 8)
+        outcome = {{}}
+
+        def handler(*args):
+            pid = os.fork()
+            if pid:
+                outcome["pid"] = pid
+            else:
+                outcome["child"] = True
+
+        signal.signal(signal.SIGALRM, handler)
+        with Pause({engine!r}, method, timeout=30) as pause:
+            worker = InThread(other, "other")
+            assert pause.entered.wait(5)
+            threading.Timer({held_seconds}, pause.resume).start()
+            signal.setitimer(signal.ITIMER_REAL, 0.2)
+            try:
+                result = repr(call())
+            except sg.ScatterlistError as exc:
+                result = type(exc).__name__ + ": " + str(exc)
+            if outcome.get("child"):
+                print("child:", result, flush=True)
+                os._exit(0)
+            _, status = os.waitpid(outcome["pid"], 0)
+            print("parent:", result, "| child exit", os.waitstatus_to_exitcode(status), flush=True)
+            worker.result(30)
+    """)
+    out = result.stdout
+    assert result.returncode == 0, out + result.stderr
+    assert "child exit 0" in out, out
+    child = next(line for line in out.splitlines() if line.startswith("child:"))
+    if held_seconds > 1:
+        assert "ClosedError" in child and "when the process forked" in child, out
+    else:
+        expected = (
+            "child: 2" if wait == "table mutex" else "child: ClosedError: PhysicalMemory is closed"
+        )
+        assert child == expected, out
+
+
+def test_a_device_subclass_with_its_own_equality_works_with_dma_debug(engine: str) -> None:
+    """dma-debug kept its records in a dictionary keyed by the device: a subclass defining
+    __eq__ (so unhashable) could not be mapped, and one defining __hash__ ran it under the
+    table's mutex.  Records are kept by identity now."""
+    hashed: List[bool] = []
+
+    class EqualByName(sg.Device):
+        def __eq__(self, other: object) -> bool:
+            return isinstance(other, sg.Device) and other.name == self.name
+
+    class Hashing(sg.Device):
+        def __hash__(self) -> int:
+            hashed.append(_inside_package())
+            return 1
+
+    mem = sg.PhysicalMemory(1 << 24, engine=engine)
+    iommu = sg.Iommu(mem)
+    for cls in (EqualByName, Hashing):
+        dev = cls(mem, iommu, debug="raise")
+        table = sg.alloc_table_from_pages([3, 9], engine=engine)
+        sg.dma_map_sgtable(dev, table, Dir.TO_DEVICE)
+        assert len(sg.debug.dump(dev)) == 1
+        sg.dma_unmap_sgtable(dev, table, Dir.TO_DEVICE)
+        table.close()
+        dev.close()
+    assert True not in hashed
+
+
+@needs_fork
+def test_pages_on_a_memory_unusable_in_the_child_are_unusable_too(
+    engine: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pages free into their memory without entering it: where the memory was in use at the
+    fork (half changed), closing the pages in the child would free into it."""
+    from test_edges import _child
+
+    monkeypatch.setattr(util, "FORK_WAIT_SECONDS", 0.2)
+    mem = sg.PhysicalMemory(1 << 24, engine=engine)
+    pages = mem.alloc_pages(2)
+    with Pause(engine, "memory_read", timeout=30) as pause:
+        reader = InThread(lambda: mem.read(0, 8), "reader")
+        assert pause.entered.wait(5)
+
+        def child() -> bool:
+            try:
+                pages.pfns
+                return False
+            except sg.ClosedError as exc:
+                return "when the process forked" in str(exc)
+
+        assert _child(child) == 0
+        pause.resume()
+        reader.result()
+    pages.close()
+    assert mem.free_pages == mem.n_pages

@@ -143,6 +143,10 @@ _fork_done.set()
 #: How long a fork waits for the calls in flight on other threads before it goes ahead; the
 #: objects still in use then are unusable in the child.
 FORK_WAIT_SECONDS = 2.0
+#: Every wait of the package wakes this often to look again: a signal handler that forks
+#: while its thread waits leaves the child's thread waiting on a lock or condition the child
+#: replaced (and nobody will release or notify); it must see the new one, or the new state.
+_WAIT_SLICE_SECONDS = 0.1
 
 
 def _thread_state() -> List[Any]:
@@ -161,7 +165,8 @@ def _enter_package() -> None:
     # at the depths: one of the two always sees the other.
     if state[_DEPTH] == 1 and _forking and _fork_thread != threading.get_ident():
         state[_DEPTH] -= 1
-        _fork_done.wait()
+        while _forking and _fork_thread != threading.get_ident():
+            _fork_done.wait(_WAIT_SLICE_SECONDS)
         state[_DEPTH] += 1
 
 
@@ -222,6 +227,50 @@ _IN_PACKAGE = _InPackage()
 
 def in_package() -> _InPackage:
     return _IN_PACKAGE
+
+
+class EngineLock:
+    """A lock of the model engine: another thread waits for it, but this thread taking it
+    again is refused (BusyError).  The model runs Python while it holds the lock, so a signal
+    handler or a ``__del__`` the collector runs there may call the package again, and would
+    find the model's state half changed; the C core runs no Python inside its calls, so its
+    locks never see this.  (The package's own safety nets are put off until the thread
+    leaves the package; only user code calls in here.)"""
+
+    __slots__ = ("_lock", "_owner", "__weakref__")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._owner: Optional[int] = None
+        _fork_registry.add(self)
+
+    def _reinit_after_fork(self) -> None:
+        # A thread of the parent may have held it; the forking thread keeps it if it did.
+        mine = self._owner == threading.get_ident()
+        self._lock = threading.Lock()
+        if mine:
+            self._lock.acquire()
+        else:
+            self._owner = None
+
+    def __enter__(self) -> None:
+        me = threading.get_ident()
+        if self._owner == me:
+            raise BusyError(
+                "the model engine is in the middle of a call on this thread: code run inside "
+                "it (a signal handler, or a __del__ the collector ran) cannot call into it"
+            )
+        while True:  # the current lock (see _WAIT_SLICE_SECONDS)
+            lock = self._lock
+            if lock.acquire(timeout=_WAIT_SLICE_SECONDS):
+                if lock is self._lock:
+                    break
+                lock.release()
+        self._owner = me
+
+    def __exit__(self, *exc: object) -> None:
+        self._owner = None
+        self._lock.release()
 
 
 #: Objects with locks that a forked child must re-create (a thread of the parent may have held
@@ -403,7 +452,7 @@ class Lifetime:
                     f"{self.what} is already in use by a call on this thread "
                     f"(a callback re-entering it)"
                 )
-            mutex.acquire()
+            self._acquire_mutex()
             # A close takes this mutex before it decides anything; a release may come while
             # the call runs, and then the call tears down when it leaves (__exit__).
             if self._state is _OPEN:
@@ -411,12 +460,13 @@ class Lifetime:
             self._exit_exclusive()
             raise self._closed_error()
         tid = threading.get_ident()
-        with self._cond:
+        cond = self._cond
+        with cond:
             # A close deciding (pins, prepare) may yet be refused: wait for its outcome
             # rather than fail, unless this thread is in a call on the object already.
             while self._state is _CLOSING and tid not in self._callers:
                 self._refuse_if_closing_here(tid)
-                self._cond.wait()
+                cond.wait(_WAIT_SLICE_SECONDS)
             if self._state is _OPEN or self._state is _CLOSING:
                 self._calls += 1
                 self._callers[tid] = self._callers.get(tid, 0) + 1
@@ -453,6 +503,18 @@ class Lifetime:
                 self._run_teardown(False)
         finally:
             _leave_package()
+
+    def _acquire_mutex(self) -> None:
+        """Take the exclusive object's mutex, the current one: a fork (from a signal handler
+        on this thread) while it waits replaces it in the child, where the old one may be
+        held by a thread that is gone."""
+        while True:
+            mutex = self._mutex
+            assert mutex is not None
+            if mutex.acquire(timeout=_WAIT_SLICE_SECONDS):
+                if mutex is self._mutex:
+                    return
+                mutex.release()
 
     def _exit_exclusive(self) -> None:
         """Leave an exclusive object (its mutex held): a release that came meanwhile found
@@ -531,7 +593,8 @@ class Lifetime:
 
     def _close(self, prepare: Optional[Callable[[Any], None]], revocable: Tuple[str, ...]) -> bool:
         tid = threading.get_ident()
-        with self._cond:
+        cond = self._cond
+        with cond:
             while True:
                 if self._state is not _OPEN and self._state is not _CLOSING:
                     return False  # closed, released, or unusable after a fork
@@ -544,18 +607,20 @@ class Lifetime:
                 if self._state is _OPEN:
                     break
                 self._refuse_if_closing_here(tid)
-                self._cond.wait()  # another thread is closing it: wait for the outcome
+                cond.wait(_WAIT_SLICE_SECONDS)  # another thread is closing it: its outcome
             self._refuse_if_pinned(revocable)
             if self._mutex is None:
                 # New calls wait for the outcome; the calls in flight finish first.
                 self._state = _CLOSING
                 self._closer = tid
                 while self._calls:
-                    self._cond.wait()
+                    cond.wait(_WAIT_SLICE_SECONDS)
+                if self._state is not _CLOSING:
+                    return False  # unusable in a child forked (by this thread) meanwhile
         if self._mutex is not None:
             # An exclusive object: its mutex keeps every other call out (waiting, not
             # failing) while this close decides.
-            self._mutex.acquire()
+            self._acquire_mutex()
             with self._cond:
                 if self._state is not _OPEN:  # another closer, or a release, came first
                     self._exit_exclusive()
@@ -714,7 +779,7 @@ class _Hold:
         assert life._mutex is not None, "hold() is for exclusive objects"
         if life._mutex._is_owned():  # type: ignore[attr-defined]
             raise BusyError(f"{life.what} is already in use by a call on this thread")
-        life._mutex.acquire()
+        life._acquire_mutex()
         _enter_package()
         return life.handle
 

@@ -48,7 +48,7 @@ import traceback
 import warnings
 import weakref
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Protocol, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Protocol, Sequence, Tuple
 
 from ._util import in_package, reinit_after_fork
 from .constants import U64_MAX, DataDirection
@@ -200,14 +200,42 @@ class _DeviceRecords:
         self.error_count = 0
 
 
-_records: "weakref.WeakKeyDictionary[DebugTarget, _DeviceRecords]" = weakref.WeakKeyDictionary()
+class _ByDevice:
+    """Records per device, keyed by identity (a device subclass's ``__hash__`` or ``__eq__``
+    is user code, and these lookups run inside calls) and held weakly."""
+
+    def __init__(self) -> None:
+        self._by_id: Dict[int, Tuple["weakref.ref[Any]", _DeviceRecords]] = {}
+
+    def get(self, target: DebugTarget) -> Optional[_DeviceRecords]:
+        found = self._by_id.get(id(target))
+        return found[1] if found is not None and found[0]() is target else None
+
+    def add(self, target: DebugTarget) -> _DeviceRecords:
+        key = id(target)
+        records = _DeviceRecords()
+
+        def forget(ref: "weakref.ref[Any]", key: int = key) -> None:
+            found = self._by_id.get(key)
+            if found is not None and found[0] is ref:
+                del self._by_id[key]
+
+        self._by_id[key] = (weakref.ref(target, forget), records)
+        return records
+
+    def items(self) -> List[Tuple[Any, _DeviceRecords]]:
+        live = [(ref(), records) for ref, records in list(self._by_id.values())]
+        return [(target, records) for target, records in live if target is not None]
+
+
+_records = _ByDevice()
 _active_cachelines: Dict[int, int] = {}
 
 
 def _records_of(target: DebugTarget) -> _DeviceRecords:
     records = _records.get(target)
     if records is None:
-        records = _records[target] = _DeviceRecords()
+        records = _records.add(target)
     return records
 
 
@@ -427,7 +455,7 @@ def _find(target: DebugTarget, dev_addr: int) -> Optional[DebugEntry]:
 
 def _owner_of(dev_addr: int, besides: DebugTarget) -> Optional[str]:
     with _guard:
-        targets = [target for target in _records.keys() if target is not besides]
+        targets = [target for target, _ in _records.items() if target is not besides]
     return next((name_of(t) for t in targets if _find(t, dev_addr) is not None), None)
 
 
@@ -585,7 +613,7 @@ def check_free(
     with _guard:
         candidates = [
             (target, entry)
-            for target, records in list(_records.items())
+            for target, records in _records.items()
             for entry in records.entries
             if entry.memory_key == memory_key
         ]
@@ -652,7 +680,7 @@ def dump(device: Optional[DebugTarget] = None) -> List[DebugEntry]:
         if device is not None:
             records = _records.get(device)
             return list(records.entries) if records else []
-        return [entry for records in _records.values() for entry in records.entries]
+        return [entry for _, records in _records.items() for entry in records.entries]
 
 
 __all__ = [

@@ -158,11 +158,11 @@ def _pages_teardown(memory: PhysicalMemory) -> Callable[[Any, bool], None]:
 
     def teardown(pfns: "array[int]", by_owner: bool) -> None:
         findings = [] if by_owner else dma_debug.check_free(memory_key, pfns, page_size)
-        try:
-            if not findings:
-                engine.memory_free_pages(memory_life.handle, memoryview(pfns))
-        finally:
-            memory_life.unpin("Pages")
+        if not findings:
+            # If this fails the pages stay allocated, and keep the memory pinned: closing it
+            # would free what these Pages still hold.
+            engine.memory_free_pages(memory_life.handle, memoryview(pfns))
+        memory_life.unpin("Pages")
         for target, finding in findings:
             # Not here: the caller may hold a table's mutex, and a warning filter runs code.
             after_leaving(functools.partial(dma_debug.deliver, target, [finding]))
@@ -252,6 +252,12 @@ class Pages:
         if self._owning_table is _being_taken and self._claimer != threading.get_ident():
             # An SGTable.new of another thread of the parent was taking them (the fork did
             # not wait for it to end): their table, mapped or not, is lost in this child.
+            self._life.mark_forked()
+
+    def _settle_after_fork(self) -> None:
+        # Pages reach their memory's allocator without entering the memory (their close):
+        # where the memory is unusable in the child, so are they.
+        if self._memory._life.forked:
             self._life.mark_forked()
 
     def _claim(self) -> None:

@@ -17,11 +17,10 @@ IOVAs), a map defines every DMA field it exposes, and a DMA segment longer than 
 from __future__ import annotations
 
 import errno
-import threading
 from typing import List, NamedTuple, Optional, Tuple
 
 from .._contract import DeviceLimits, TableMapping
-from .._util import reinit_after_fork
+from .._util import EngineLock
 from ..constants import DMA_MAPPING_ERROR, IOMMU_READ, IOMMU_WRITE, U32_MAX, U64_MAX, DataDirection
 from ..errors import Reason, ScatterlistError, error_for
 from .cargs import byte_view, c_int, u32, u64
@@ -44,11 +43,7 @@ class ModelIommu:
         self.iovad = IovaDomain(granule_bytes, 1, 1)
         self.granule = granule_bytes
         self.granule_shift = granule_bytes.bit_length() - 1
-        self.lock = threading.RLock()
-        reinit_after_fork(self)
-
-    def _reinit_after_fork(self) -> None:
-        self.lock = threading.RLock()
+        self.lock = EngineLock()  # (which a forked child re-creates itself)
 
 
 class ModelDevice:
@@ -76,11 +71,7 @@ class ModelDevice:
         self.inject_errno = 0
         self.inject_rng = SplitMix64(0)
         self.injected_failures = 0
-        self.lock = threading.RLock()  # re-entrant: see PhysMem.lock
-        reinit_after_fork(self)
-
-    def _reinit_after_fork(self) -> None:
-        self.lock = threading.RLock()
+        self.lock = EngineLock()  # (which a forked child re-creates itself)
 
     def set_limits(self, limits: DeviceLimits) -> None:
         """dma_device_set_limits: all four, or none."""

@@ -20,11 +20,10 @@ pfn-by-pfn walk but lets an untouched group be handled in one step.
 from __future__ import annotations
 
 import errno
-import threading
 from array import array
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
-from .._util import reinit_after_fork
+from .._util import EngineLock
 from ..errors import Reason, error_for
 
 GROUP_PAGES = 512  # SL_GROUP_PAGES
@@ -84,14 +83,9 @@ class PhysMem:
         self.groups: Dict[int, PageGroup] = {}  # group index -> state; missing = all free
         self.frames: Dict[int, bytearray] = {}  # pfn -> page bytes; missing = zeros
         # Devices on several threads may share a memory: as in the C, every public call that
-        # reads or changes the pages holds this lock.  Re-entrant: Python code may run inside
-        # it on the same thread (a signal handler, a __del__ the collector runs) and call in
-        # again, which the C core's locks never see (no Python runs under them).
-        self.lock = threading.RLock()
-        reinit_after_fork(self)
-
-    def _reinit_after_fork(self) -> None:
-        self.lock = threading.RLock()  # a parent thread may have held it at the fork
+        # reads or changes the pages holds this lock (public calls never nest; see EngineLock
+        # for the Python that may run inside it).
+        self.lock = EngineLock()  # (which a forked child re-creates itself)
 
     # -- counters ----------------------------------------------------------------------
     @property
