@@ -644,7 +644,7 @@ def test_a_safety_net_inside_dma_debug_reports_after_its_lock(engine: str) -> No
 
 
 @needs_fork
-@pytest.mark.parametrize("held_seconds", [0.6, 5.0])
+@pytest.mark.parametrize("held_seconds", [0.6, 1.5])
 @pytest.mark.parametrize("wait", ["table mutex", "close"])
 def test_a_fork_from_a_signal_handler_while_its_thread_waits(
     engine: str, wait: str, held_seconds: float
@@ -653,7 +653,7 @@ def test_a_fork_from_a_signal_handler_while_its_thread_waits(
     call in flight) when a signal handler forks.  The child's thread went on waiting on the
     lock or condition the child had replaced: it hung for good, or released a lock it never
     took.  Now it looks again: when the other call left before the fork (held 0.6 s) the
-    object works in the child; when it did not (held 5 s, the fork waits 0.3 s) the object
+    object works in the child; when it did not (held 1.5 s, the fork waits 0.3 s) the object
     refuses with an error naming the fork."""
     result = _run(f"""
         import os, signal, sys, threading
