@@ -55,6 +55,10 @@ class TableMapping(NamedTuple):
 
 class Engine(Protocol):
     name: str
+    #: True when a forked child finds every engine object in a consistent state even if a
+    #: thread of the parent was changing it (the C core holds its locks across fork()); the
+    #: model's objects may be half changed, and are marked unusable instead.
+    consistent_across_fork: bool
 
     # -- emulated physical memory --------------------------------------------------------
     def memory_create(self, size_bytes: int, page_size: int) -> Any:

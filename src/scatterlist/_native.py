@@ -50,6 +50,7 @@ def _u64_array(n: int) -> "array[int]":
 
 class NativeEngine:
     name = "native"
+    consistent_across_fork = True  # sl_fork.c holds the core's locks across fork()
 
     # -- memory ----------------------------------------------------------------------------
     def memory_create(self, size_bytes: int, page_size: int) -> Any:

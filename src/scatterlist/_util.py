@@ -338,6 +338,12 @@ _FORKED = "forked"  # in a forked child: it was in use by another thread at the 
 Teardown = Callable[[Any, bool], None]
 
 
+def _new_sync() -> Tuple["threading.RLock", threading.Condition]:
+    """A Lifetime's lock and the condition on it, replaced together (after a fork)."""
+    lock = threading.RLock()
+    return lock, threading.Condition(lock)
+
+
 class Lifetime:
     """The lifetime of one engine object (a memory, an IOMMU, a device, a table, pages).
 
@@ -381,7 +387,7 @@ class Lifetime:
         "what",
         "handle",
         "_teardown",
-        "_cond",
+        "_sync",
         "_state",
         "_calls",
         "_callers",
@@ -397,7 +403,7 @@ class Lifetime:
         self.what = what
         self.handle = handle
         self._teardown = teardown
-        self._cond = threading.Condition(threading.RLock())
+        self._sync = _new_sync()
         self._state = _OPEN
         self._calls = 0  # a shared object's calls in flight
         self._callers: Dict[int, int] = {}  # thread -> its calls in flight (shared)
@@ -409,6 +415,11 @@ class Lifetime:
         _fork_registry.add(self)
 
     # -- state ------------------------------------------------------------------------
+    @property
+    def _cond(self) -> threading.Condition:
+        """The condition (its lock guards the state, the counts and the pins)."""
+        return self._sync[1]
+
     @property
     def closed(self) -> bool:
         """True once no new call may enter (closing, closed or released)."""
@@ -425,7 +436,7 @@ class Lifetime:
 
     def pinned_by(self) -> str:
         """The dependents, for messages: ``"2 Pages, 1 Device"``."""
-        with self._cond:
+        with self._sync[0]:
             return ", ".join(
                 f"{count} {kind}" for kind, count in sorted(self._pins.items()) if count
             )
@@ -460,8 +471,8 @@ class Lifetime:
             self._exit_exclusive()
             raise self._closed_error()
         tid = threading.get_ident()
-        cond = self._cond
-        with cond:
+        lock, cond = self._sync
+        with lock:
             # A close deciding (pins, prepare) may yet be refused: wait for its outcome
             # rather than fail, unless this thread is in a call on the object already.
             while self._state is _CLOSING and tid not in self._callers:
@@ -469,7 +480,8 @@ class Lifetime:
                 cond.wait(_WAIT_SLICE_SECONDS)
             if self._state is _OPEN or self._state is _CLOSING:
                 self._calls += 1
-                self._callers[tid] = self._callers.get(tid, 0) + 1
+                callers = self._callers
+                callers[tid] = callers.get(tid, 0) + 1
                 return self.handle
         raise self._closed_error()
 
@@ -487,18 +499,20 @@ class Lifetime:
                 self._exit_exclusive()
                 return
             tid = threading.get_ident()
-            with self._cond:
+            lock, cond = self._sync
+            with lock:
                 self._calls -= 1
-                depth = self._callers.get(tid, 1) - 1
+                callers = self._callers
+                depth = callers.get(tid, 1) - 1
                 if depth > 0:
-                    self._callers[tid] = depth
+                    callers[tid] = depth
                 else:
-                    self._callers.pop(tid, None)
+                    callers.pop(tid, None)
                 if self._state is _OPEN:
                     return
                 run = self._take_teardown()
                 if self._state is _CLOSING and not self._calls:
-                    self._cond.notify_all()  # the closer waits for the last call
+                    cond.notify_all()  # the closer waits for the last call
             if run:
                 self._run_teardown(False)
         finally:
@@ -508,13 +522,17 @@ class Lifetime:
         """Take the exclusive object's mutex, the current one: a fork (from a signal handler
         on this thread) while it waits replaces it in the child, where the old one may be
         held by a thread that is gone."""
+        mutex = self._mutex
+        assert mutex is not None
+        if mutex.acquire(False) and mutex is self._mutex:
+            return  # the usual case: free
         while True:
-            mutex = self._mutex
-            assert mutex is not None
-            if mutex.acquire(timeout=_WAIT_SLICE_SECONDS):
+            if mutex._is_owned() or mutex.acquire(timeout=_WAIT_SLICE_SECONDS):  # type: ignore
                 if mutex is self._mutex:
                     return
                 mutex.release()
+            mutex = self._mutex
+            assert mutex is not None
 
     def _exit_exclusive(self) -> None:
         """Leave an exclusive object (its mutex held): a release that came meanwhile found
@@ -535,7 +553,7 @@ class Lifetime:
             if self._mutex._is_owned() or not self._mutex.acquire(blocking=False):  # type: ignore
                 return  # a call of this thread (or another holder) tears down when it leaves
             try:
-                with self._cond:
+                with self._sync[0]:
                     run = self._take_teardown()
                 if run:
                     self._run_teardown(False)
@@ -559,13 +577,13 @@ class Lifetime:
         """A dependent of ``kind`` now points at this object (the caller is in a call on it,
         which may still pin while a close or a release waits for it).  ClosedError once the
         object is destroyed."""
-        with self._cond:
+        with self._sync[0]:
             if self._state is _DONE:
                 raise ClosedError(f"{self.what} is closed")
             self._pins[kind] += 1
 
     def unpin(self, kind: str) -> None:
-        with self._cond:
+        with self._sync[0]:
             self._pins[kind] -= 1
             if not self._pins[kind]:
                 del self._pins[kind]
@@ -593,8 +611,8 @@ class Lifetime:
 
     def _close(self, prepare: Optional[Callable[[Any], None]], revocable: Tuple[str, ...]) -> bool:
         tid = threading.get_ident()
-        cond = self._cond
-        with cond:
+        lock, cond = self._sync
+        with lock:
             while True:
                 if self._state is not _OPEN and self._state is not _CLOSING:
                     return False  # closed, released, or unusable after a fork
@@ -621,33 +639,38 @@ class Lifetime:
             # An exclusive object: its mutex keeps every other call out (waiting, not
             # failing) while this close decides.
             self._acquire_mutex()
-            with self._cond:
+            lock, cond = self._sync
+            with lock:
                 if self._state is not _OPEN:  # another closer, or a release, came first
                     self._exit_exclusive()
                     return False
                 self._state = _CLOSING
                 self._closer = tid
         try:
-            with self._cond:
-                self._refuse_if_pinned(revocable)  # calls in flight may have pinned it
+            if self._pins:
+                with lock:
+                    self._refuse_if_pinned(revocable)  # calls in flight may have pinned it
             if prepare is not None:
                 prepare(self.handle)
-            with self._cond:
-                self._refuse_if_pinned()  # prepare released the revocable ones
+            if self._pins:
+                with lock:
+                    self._refuse_if_pinned()  # prepare released the revocable ones
             self._teardown(self.handle, True)
         except BaseException:
-            with self._cond:
+            lock, cond = self._sync
+            with lock:
                 self._state = _OPEN
                 self._closer = None
-                self._cond.notify_all()
+                cond.notify_all()
             raise
         finally:
             if self._mutex is not None:
                 self._mutex.release()
-        with self._cond:
+        lock, cond = self._sync
+        with lock:
             self._state = _DONE
             self._closer = None
-            self._cond.notify_all()
+            cond.notify_all()
         return True
 
     def release(self) -> None:
@@ -661,7 +684,7 @@ class Lifetime:
         if state[_DEPTH]:
             state[_PUT_OFF].append(self.release)
             return
-        with self._cond:
+        with self._sync[0]:
             if self._state is not _OPEN:
                 return
             self._state = _RELEASED
@@ -683,6 +706,8 @@ class Lifetime:
             )
 
     def _refuse_if_pinned(self, ignore: Tuple[str, ...] = ()) -> None:
+        if not self._pins:
+            return
         pins = sorted((kind, count) for kind, count in self._pins.items() if kind not in ignore)
         if pins:
             by = ", ".join(f"{count} {kind}" for kind, count in pins)
@@ -724,7 +749,7 @@ class Lifetime:
             self._mutex = threading.RLock()
             if mine_held:
                 self._mutex.acquire()
-        self._cond = threading.Condition(threading.RLock())
+        self._sync = _new_sync()
         self._callers = {tid: mine} if mine else {}
         self._calls = mine
         if self._state is _CLOSING and self._closer != tid:
@@ -754,7 +779,7 @@ class _Use:
         assert life._mutex is None, "use() is for shared objects"
         _enter_package()
         tid = threading.get_ident()
-        with life._cond:
+        with life._sync[0]:
             if life._state is _DONE or life._state is _FORKED:
                 _leave_package()
                 raise life._closed_error()

@@ -130,6 +130,9 @@ class Mapping:
         return report
 
 
+_NOTHING_TO_ENTER = nullcontext()
+
+
 class _DeviceState:
     """What a device's calls and its teardown share, without a reference to the ``Device``
     (so that a dropped device can be collected): its lifetime, the lifetimes it pins, and its
@@ -169,9 +172,12 @@ class _DeviceState:
     def in_iommu(self) -> ContextManager[Any]:
         """Enter the device's IOMMU, if it has one, for a call that changes it through the
         device (a map or an unmap): a fork meanwhile then finds the IOMMU in use, and a
-        child cannot use it half changed.  Never waits, whatever locks the caller holds: the
-        device pins the IOMMU, so no close of it gets as far as deciding."""
-        return self.iommu_life.use() if self.iommu_life is not None else nullcontext()
+        child cannot use it half changed (the model engine's; the C core's IOMMU is
+        consistent in a child, so it need not be entered).  Never waits, whatever locks the
+        caller holds: the device pins the IOMMU, so no close of it gets as far as deciding."""
+        if self.iommu_life is None or self.engine.consistent_across_fork:
+            return _NOTHING_TO_ENTER
+        return self.iommu_life.use()
 
     def register(self, mapping: Mapping) -> None:
         """Record a new mapping.  An owned (Devres) one needs the device bound, checked

@@ -33,6 +33,7 @@ class ModelEngine(DmaEngineMixin):
     """The pure-Python engine: the oracle the C core is tested against."""
 
     name = "model"
+    consistent_across_fork = False  # Python state under Python locks: may be half changed
 
     # -- emulated physical memory --------------------------------------------------------
     def memory_create(self, size_bytes: int, page_size: int) -> PhysMem:
