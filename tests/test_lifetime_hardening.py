@@ -779,3 +779,139 @@ def test_pages_on_a_memory_unusable_in_the_child_are_unusable_too(
         reader.result()
     pages.close()
     assert mem.free_pages == mem.n_pages
+
+
+# -- fifth review ----------------------------------------------------------------------------------
+
+
+class _SignalAsAcquireReturns:
+    """Stands for an EngineLock's inner lock: runs ``handler`` the moment the lock is taken
+    or let go, as a signal handler may run as soon as ``acquire()`` returns."""
+
+    def __init__(self, handler: Any) -> None:
+        self._real = threading.Lock()
+        self.handler = handler
+
+    def acquire(self, timeout: float = -1) -> bool:
+        taken = self._real.acquire(timeout=timeout)
+        if taken:
+            self.handler("taken")
+        return taken
+
+    def release(self) -> None:
+        self._real.release()
+        self.handler("let go")
+
+
+def test_a_signal_handler_at_the_edge_of_an_engine_lock_is_refused() -> None:
+    """The model's lock recorded its owner only after acquire() returned: a signal handler
+    run in between (and calling the model) saw no owner and waited for the lock its own
+    thread held, for good.  Refused now, at both edges."""
+    lock = util.EngineLock()
+    seen: List[str] = []
+
+    def handler(edge: str) -> None:
+        if len(seen) < 2:
+            try:
+                with lock:
+                    seen.append(edge + ": ran")
+            except sg.BusyError as exc:
+                seen.append(edge + ": " + str(exc))
+
+    lock._lock = _SignalAsAcquireReturns(handler)  # type: ignore[assignment]
+
+    def outer() -> None:
+        with lock:
+            pass
+
+    InThread(outer, "outer").result(5)  # a deadlock fails here
+    assert len(seen) == 2
+    assert all("in the middle of a call on this thread" in text for text in seen), seen
+
+
+def test_a_safety_net_inside_exhaust_iova_is_put_off(engine: str) -> None:
+    """exhaust_iova gave its IOVAs back with engine calls outside the package: a safety net
+    the collector ran there (an SGTable dropped) ran inside the model's IOMMU lock and
+    failed, leaving the table mapped and the memory pinned for good."""
+    from scatterlist import faults
+
+    mem = sg.PhysicalMemory(1 << 24, engine=engine)
+    iommu = sg.Iommu(mem)
+    dev = sg.Device(mem, iommu)
+    owned = sg.SGTable.new(dev, mem.alloc_pages(2), Dir.TO_DEVICE)
+    struck: List[int] = []
+
+    def collect_inside(real: Any, *args: Any) -> Any:
+        if not struck:
+            struck.append(1)
+            owned._finalizer()  # what the collector does to a dropped SGTable
+            struck.append(iommu.mapped_pages)  # put off: still mapped
+        return real(*args)
+
+    with pytest.warns(ResourceWarning, match="SGTable dropped while DMA-mapped"):
+        with EngineHook(engine, "iommu_iova_free", collect_inside):
+            with faults.exhaust_iova(iommu):
+                pass
+    assert struck == [1, 2] and dev.live_mappings == 0 and iommu.mapped_pages == 0
+    dev.close()
+    iommu.close()
+    mem.close()
+
+
+@needs_fork
+def test_a_fork_waits_for_exhaust_iova_to_give_its_iovas_back(engine: str) -> None:
+    """Leaving exhaust_iova gives the IOVAs back one call after the other: a fork meanwhile
+    used to go ahead at once, and the child found the IOVA allocator half given back."""
+    from test_edges import _child
+
+    mem = sg.PhysicalMemory(1 << 24, engine=engine)
+    iommu = sg.Iommu(mem)
+    from scatterlist import faults
+
+    entered = threading.Event()
+    with Pause(engine, "iommu_iova_free") as pause:
+
+        def exhaust_and_leave() -> None:
+            with faults.exhaust_iova(iommu):
+                entered.set()
+
+        leaver = InThread(exhaust_and_leave, "leaver")
+        assert pause.entered.wait(5)
+        threading.Timer(0.4, pause.resume).start()
+        started = time.monotonic()
+        assert _child(lambda: iommu.iova_ranges() == []) == 0
+        waited = time.monotonic() - started
+        leaver.result()
+    assert waited >= 0.3  # the fork waited for the IOVAs to be back
+    iommu.close()
+    mem.close()
+
+
+def test_device_close_waits_for_a_mapping_another_thread_is_ending(engine: str) -> None:
+    """An owned table's mapping being ended on another thread (no longer live, its pin not
+    yet dropped): Device.close() used to refuse ("still in use by 1 mapping") instead of
+    waiting for it."""
+    import scatterlist.device as device_module
+
+    mem = sg.PhysicalMemory(1 << 24, engine=engine)
+    dev = sg.Device(mem, sg.Iommu(mem))
+    owned = sg.SGTable.new(dev, mem.alloc_pages(2), Dir.TO_DEVICE)
+    real_forget = device_module._DeviceState.forget
+    inside, release = threading.Event(), threading.Event()
+
+    def slow_forget(self: Any, mapping: Any) -> None:
+        if threading.current_thread().name == "ender":
+            inside.set()
+            release.wait(10)
+        real_forget(self, mapping)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(device_module._DeviceState, "forget", slow_forget)
+        ender = InThread(owned.close, "ender")
+        assert inside.wait(5)
+        closer = InThread(dev.close, "closer")
+        assert closer.running_after(0.3)  # waits for the mapping to be gone
+        release.set()
+        ender.result()
+        closer.result()
+    assert dev.closed and owned.closed and mem.free_pages == mem.n_pages

@@ -16,7 +16,7 @@ import time
 import weakref
 from array import array
 from collections import Counter
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, TypeVar, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple, TypeVar, Union
 
 from .errors import BusyError, ClosedError, InvalidArgument, OutOfMemory, Reason, error_for
 
@@ -237,17 +237,23 @@ class EngineLock:
     locks never see this.  (The package's own safety nets are put off until the thread
     leaves the package; only user code calls in here.)"""
 
-    __slots__ = ("_lock", "_owner", "__weakref__")
+    __slots__ = ("_lock", "_owner", "_inside", "__weakref__")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._owner: Optional[int] = None
+        self._owner: Optional[int] = None  # the thread holding it
+        # Threads taking, holding or letting go of it: marked before the lock is taken and
+        # unmarked after it is let go, so that a signal handler run on the thread at any
+        # point in between (even as the acquire returns) is refused, never left waiting.
+        self._inside: Set[int] = set()
         _fork_registry.add(self)
 
     def _reinit_after_fork(self) -> None:
         # A thread of the parent may have held it; the forking thread keeps it if it did.
-        mine = self._owner == threading.get_ident()
+        me = threading.get_ident()
+        mine = self._owner == me
         self._lock = threading.Lock()
+        self._inside = {me} if me in self._inside else set()
         if mine:
             self._lock.acquire()
         else:
@@ -255,22 +261,29 @@ class EngineLock:
 
     def __enter__(self) -> None:
         me = threading.get_ident()
-        if self._owner == me:
+        inside = self._inside
+        if me in inside:
             raise BusyError(
                 "the model engine is in the middle of a call on this thread: code run inside "
                 "it (a signal handler, or a __del__ the collector ran) cannot call into it"
             )
-        while True:  # the current lock (see _WAIT_SLICE_SECONDS)
-            lock = self._lock
-            if lock.acquire(timeout=_WAIT_SLICE_SECONDS):
-                if lock is self._lock:
-                    break
-                lock.release()
+        inside.add(me)
+        try:
+            while True:  # the current lock (see _WAIT_SLICE_SECONDS)
+                lock = self._lock
+                if lock.acquire(timeout=_WAIT_SLICE_SECONDS):
+                    if lock is self._lock:
+                        break
+                    lock.release()
+        except BaseException:
+            self._inside.discard(me)
+            raise
         self._owner = me
 
     def __exit__(self, *exc: object) -> None:
         self._owner = None
         self._lock.release()
+        self._inside.discard(threading.get_ident())
 
 
 #: Objects with locks that a forked child must re-create (a thread of the parent may have held

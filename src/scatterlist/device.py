@@ -203,20 +203,23 @@ class _DeviceState:
             ]
 
     def set_bound(self, bound: bool) -> List[Mapping]:
-        """Bind or unbind; unbinding returns the owned mappings to revoke, newest first."""
+        """Bind or unbind; unbinding returns the owned mappings to revoke, newest first, and
+        the mappings another thread is ending right now (not live, not yet forgotten): revoke
+        waits for those under their table's mutex, so that their pins are gone after it."""
         with self.lock:
             self.engine.device_set_bound(self.life.handle, bound)
             if bound:
                 return []
-            return [m for m in reversed(list(self.mappings.values())) if m.live and m.devres]
+            return [m for m in reversed(list(self.mappings.values())) if m.devres or not m.live]
 
     @staticmethod
     def revoke(mappings: List[Mapping]) -> int:
-        """Undo each mapping under its table's mutex; returns how many this call undid."""
+        """Undo each owned mapping under its table's mutex (the others are being undone:
+        taking the mutex waits for that); returns how many this call undid."""
         released = 0
         for mapping in mappings:
             with mapping.table.life.hold() as table_handle:
-                if mapping.live:
+                if mapping.live and mapping.devres:
                     mapping.end(table_handle, revoked=True)
                     released += 1
         return released

@@ -58,8 +58,11 @@ def exhaust_iova(iommu: Iommu, limit: Optional[int] = None) -> Iterator[int]:
         yield sum(granules for _, granules in taken)
     finally:
         try:
-            for pfn, granules in reversed(taken):
-                engine.iommu_iova_free(life.handle, pfn, granules)  # pinned: still there
+            # A call on the IOMMU (pinned: still there, whatever its owner did): a fork waits
+            # for it, and safety nets the collector runs meanwhile wait until it is done.
+            with life.use() as handle:
+                for pfn, granules in reversed(taken):
+                    engine.iommu_iova_free(handle, pfn, granules)
         finally:
             life.unpin("exhaust_iova")
 
