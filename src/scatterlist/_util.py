@@ -391,9 +391,11 @@ class Lifetime:
     The teardown runs exactly once, as ``teardown(handle, by_owner)``: ``by_owner`` is True for
     ``close()`` and False when the owner was dropped without closing.
 
-    Locking: ``_cond`` (re-entrant, so that a safety net the collector runs inside one of these
-    sections may take it again) guards the state, the counts and the pins.  An exclusive
-    object's calls are counted by its mutex alone.
+    Locking: ``_sync`` is a lock and the condition on it, replaced together in a forked
+    child.  The lock (re-entrant, so that a safety net the collector runs inside one of these
+    sections may take it again) guards the state, the counts and the pins; hot paths take it
+    directly, and every wait on the condition wakes every ``_WAIT_SLICE_SECONDS`` to look
+    again.  An exclusive object's calls are counted by its mutex alone.
     """
 
     __slots__ = (
