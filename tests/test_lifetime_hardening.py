@@ -17,7 +17,7 @@ import textwrap
 import threading
 import time
 import warnings
-from typing import Any, List
+from typing import Any, Iterator, List
 
 import pytest
 from helpers import PAGE, EngineHook, InThread, Pause
@@ -915,3 +915,96 @@ def test_device_close_waits_for_a_mapping_another_thread_is_ending(engine: str) 
         ender.result()
         closer.result()
     assert dev.closed and owned.closed and mem.free_pages == mem.n_pages
+
+
+# -- sixth review ------------------------------------------------------------------------------
+
+
+def test_the_debug_mode_is_read_once_per_call(engine: str) -> None:
+    """The mode was read once to decide (refuse the unmap, keep the map) and again to deliver:
+    switched in between (by another thread), a refused unmap returned as if done, and a map
+    kept raised DmaApiError.  Forced here by switching it inside the checks."""
+    from scatterlist import debug
+
+    mem = sg.PhysicalMemory(1 << 24, engine=engine)
+    dev = sg.Device(mem, sg.Iommu(mem), debug="raise")
+    table = sg.alloc_table_from_pages([2, 7], engine=engine)
+    sg.dma_map_sgtable(dev, table, Dir.BIDIRECTIONAL)
+    real_check_unmap, real_record_map = debug.check_unmap, debug.record_map
+
+    def check_unmap_then_switch(*args: Any) -> Any:
+        findings = real_check_unmap(*args)
+        dev.debug = "off"
+        return findings
+
+    def record_map_then_switch(*args: Any) -> Any:
+        entry = real_record_map(*args)
+        dev.debug = "raise"
+        return entry
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(debug, "check_unmap", check_unmap_then_switch)
+        with pytest.raises(sg.DmaApiError, match="different direction"):
+            sg.dma_unmap_sgtable(dev, table, Dir.TO_DEVICE)  # refused: not done
+    assert table.mapped and dev.live_mappings == 1
+    dev.debug = "raise"
+    sg.dma_unmap_sgtable(dev, table, Dir.BIDIRECTIONAL)
+
+    long_entry = sg.alloc_table_from_pages([10, 11, 12, 13, 14, 15, 16, 17], engine=engine)
+    dev.debug = "warn"
+    dev.max_segment_size = 4 * PAGE  # the 32 KiB entry is longer: a warning, and mapped
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(debug, "record_map", record_map_then_switch)
+        with pytest.warns(sg.DmaApiWarning, match="map-segment-length"):
+            sg.dma_map_sgtable(dev, long_entry, Dir.TO_DEVICE)
+    assert long_entry.mapped and len(debug.dump(dev)) == 1
+    dev.debug = "warn"
+    sg.dma_unmap_sgtable(dev, long_entry, Dir.TO_DEVICE)
+    assert dev.live_mappings == 0
+
+
+def test_exhaust_iova_left_from_inside_a_call_gives_everything_back(engine: str) -> None:
+    """A generator suspended inside ``exhaust_iova`` finalized by the collector inside a call
+    on this thread (here: inside the model's IOMMU lock) used to fail to give the IOVAs back
+    (BusyError) and leak them: every later map failed.  The giving back waits for the call."""
+    from scatterlist import faults
+
+    mem = sg.PhysicalMemory(1 << 24, engine=engine)
+    iommu = sg.Iommu(mem)
+    dev = sg.Device(mem, iommu)
+
+    def holder() -> Iterator[None]:
+        with faults.exhaust_iova(iommu):
+            yield
+
+    suspended = holder()
+    next(suspended)
+    closed: List[int] = []
+
+    def finalize_inside() -> None:
+        if not closed:
+            closed.append(1)
+            suspended.close()  # what the collector does to a dropped, suspended generator
+
+    if engine == "model":
+        model = iommu._life.handle
+        real_ranges = type(model.iovad).ranges
+
+        def ranges(self: Any, *args: Any) -> Any:
+            finalize_inside()  # inside the model's IOMMU lock
+            return real_ranges(self, *args)
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(type(model.iovad), "ranges", ranges)
+            iommu.iova_ranges()
+    else:
+        with EngineHook(
+            engine, "iommu_iova_ranges", lambda real, *a: finalize_inside() or real(*a)
+        ):
+            iommu.iova_ranges()
+    assert closed and iommu.iova_ranges() == []
+    table = sg.alloc_table_from_pages([3], engine=engine)
+    sg.dma_map_sgtable(dev, table, Dir.TO_DEVICE)  # the IOVA space is back
+    sg.dma_unmap_sgtable(dev, table, Dir.TO_DEVICE)
+    dev.close()
+    iommu.close()  # no pin left behind

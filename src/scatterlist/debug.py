@@ -239,7 +239,12 @@ def _records_of(target: DebugTarget) -> _DeviceRecords:
     return records
 
 
-def deliver(target: DebugTarget, findings: Sequence[Finding], stacklevel: int = 2) -> None:
+def deliver(
+    target: DebugTarget,
+    findings: Sequence[Finding],
+    stacklevel: int = 2,
+    mode: Optional[str] = None,
+) -> None:
     """Count the findings and deliver them in the target's mode: DmaApiError for the first
     in ``raise`` mode, one DmaApiWarning each in ``warn`` mode.  Call it once the state change
     is made and no lock is held: a warning filter may run any code, or raise."""
@@ -249,7 +254,8 @@ def deliver(target: DebugTarget, findings: Sequence[Finding], stacklevel: int = 
     with _guard:
         _error_count += len(findings)
         _records_of(target).error_count += len(findings)
-    mode = mode_of(target)
+    if mode is None:
+        mode = mode_of(target)  # else: the mode the caller decided by (read once)
     texts = []
     for finding in findings:
         text = f"DMA-API: {name_of(target)}: {finding.message} [rule {finding.rule}]"

@@ -459,8 +459,9 @@ class Device:
         with self._life:
             released = self._state.revoke(self._state.set_bound(False))
             # As in the kernel, dma-debug looks for leaks after the Devres releases ran.
-            findings = dma_debug.check_unbind(self) if dma_debug.mode_of(self) != "off" else []
-        dma_debug.deliver(self, findings)
+            mode = dma_debug.mode_of(self)
+            findings = dma_debug.check_unbind(self) if mode != "off" else []
+        dma_debug.deliver(self, findings, mode=mode)
         return released
 
     # -- device-side access -------------------------------------------------------------

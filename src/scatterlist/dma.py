@@ -55,14 +55,16 @@ def _dma_rows(flat: Any) -> List[Tuple[int, int]]:
 
 def map_table(
     dev: Device, table: RawTable, direction: int, nents: Optional[int], *, devres: bool
-) -> Tuple[Mapping, int, List[dma_debug.Finding]]:
+) -> Tuple[Mapping, int, List[dma_debug.Finding], str]:
     """Map (``dma_map_sgtable``, or ``dma_map_sg`` with ``nents``) and record the mapping;
     ``devres`` registers it for revocation at unbind (an owned SGTable's).  Returns the mapping,
-    the DMA segment count and the dma-debug findings, which the caller delivers (in ``raise``
-    mode the mapping was undone already).  Arguments are converted already."""
+    the DMA segment count, the dma-debug findings, which the caller delivers (in ``raise``
+    mode the mapping was undone already), and the debug mode it decided by (read once: the
+    delivery must follow the same one).  Arguments are converted already."""
     engine = dev._engine
     findings: List[dma_debug.Finding] = []
-    debugging = dma_debug.mode_of(dev) != "off"
+    mode = dma_debug.mode_of(dev)
+    debugging = mode != "off"
     iommu = dev._iommu
     # IOMMU, device, then table (the fixed order).
     with dev._state.in_iommu(), dev._life as dev_handle, table._life as table_handle:
@@ -89,7 +91,7 @@ def map_table(
                     seg_boundary_mask=limits.seg_boundary_mask,
                     granule=None if iommu is None else iommu._granule,
                 )
-                if findings and dma_debug.mode_of(dev) == "raise":
+                if findings and mode == "raise":
                     mapping.end(table_handle)  # refused: nothing stays mapped or recorded
                 else:
                     mapping.debug_entry = dma_debug.record_map(
@@ -105,7 +107,7 @@ def map_table(
                 state.mapping = None
                 state.changed("its DMA map was undone")
             raise
-    return mapping, count, findings
+    return mapping, count, findings, mode
 
 
 def _unmap(dev: Device, table: RawTable, direction: Any, nents: Optional[int]) -> None:
@@ -113,26 +115,27 @@ def _unmap(dev: Device, table: RawTable, direction: Any, nents: Optional[int]) -
     dir_value = direction_value(direction)
     engine = dev._engine
     findings: List[dma_debug.Finding] = []
+    mode = dma_debug.mode_of(dev)  # read once: the decision and the delivery follow it
     with dev._state.in_iommu(), dev._life as dev_handle, table._life as table_handle:
         mapping = table._state.mapping
         tracked = mapping is None or (
             isinstance(mapping, Mapping) and mapping.debug_entry is not None
         )
-        if dma_debug.mode_of(dev) != "off" and tracked:
+        if mode != "off" and tracked:
             orig_nents = engine.table_counts(table_handle).orig_nents
             call_ents = orig_nents if nents is None else nents
             count = max(1, min(call_ents, orig_nents))
             findings = dma_debug.check_unmap(
                 dev, _dma_rows(engine.table_export_dma(table_handle, count)), dir_value, call_ents
             )
-        if not (findings and dma_debug.mode_of(dev) == "raise"):
+        if not (findings and mode == "raise"):
             # The engine checks the device, direction and count; then the record goes.
             engine.dma_unmap(dev_handle, table_handle, dir_value, nents)
             if isinstance(mapping, Mapping) and mapping.live:
                 mapping.finish()
             else:
                 table._state.changed("it was DMA-unmapped")
-    dma_debug.deliver(dev, findings, stacklevel=3)
+    dma_debug.deliver(dev, findings, stacklevel=3, mode=mode)
 
 
 def _sync(
@@ -142,19 +145,20 @@ def _sync(
     dir_value = direction_value(direction)
     engine = dev._engine
     findings: List[dma_debug.Finding] = []
+    mode = dma_debug.mode_of(dev)  # read once (see _unmap)
     with dev._life as dev_handle, table._life as table_handle:
         mapping = table._state.mapping
         entry = mapping.debug_entry if isinstance(mapping, Mapping) else None
         tracked = mapping is None or entry is not None
-        if dma_debug.mode_of(dev) != "off" and tracked:
+        if mode != "off" and tracked:
             orig_nents = engine.table_counts(table_handle).orig_nents
             call_ents = orig_nents if nents is None else nents
             count = entry.sg_mapped_ents if entry is not None else 1
             rows = engine.table_export_dma(table_handle, min(count, orig_nents))
             findings = dma_debug.check_sync(dev, _dma_rows(rows), dir_value, call_ents, for_cpu)
-        if not (findings and dma_debug.mode_of(dev) == "raise"):
+        if not (findings and mode == "raise"):
             engine.dma_sync(dev_handle, table_handle, dir_value, for_cpu, nents)
-    dma_debug.deliver(dev, findings, stacklevel=3)
+    dma_debug.deliver(dev, findings, stacklevel=3, mode=mode)
 
 
 def _nents(nents: int) -> int:
@@ -167,8 +171,8 @@ def dma_map_sgtable(dev: Device, table: RawTable, direction: DataDirection) -> N
     Raises (``InvalidArgument``, ``OutOfMemory``, ``MappingError``, ``DeviceUnbound``) having
     mapped nothing."""
     _check_pair(dev, table)
-    findings = map_table(dev, table, direction_value(direction), None, devres=False)[2]
-    dma_debug.deliver(dev, findings, stacklevel=2)
+    _, _, findings, mode = map_table(dev, table, direction_value(direction), None, devres=False)
+    dma_debug.deliver(dev, findings, stacklevel=2, mode=mode)
 
 
 def dma_unmap_sgtable(dev: Device, table: RawTable, direction: DataDirection) -> None:
@@ -194,8 +198,10 @@ def dma_map_sg(dev: Device, table: RawTable, nents: int, direction: DataDirectio
     ``nents`` (not the returned count) to :func:`dma_unmap_sg` and the syncs."""
     _check_pair(dev, table)
     count_in = _nents(nents)
-    _, count, findings = map_table(dev, table, direction_value(direction), count_in, devres=False)
-    dma_debug.deliver(dev, findings, stacklevel=2)
+    _, count, findings, mode = map_table(
+        dev, table, direction_value(direction), count_in, devres=False
+    )
+    dma_debug.deliver(dev, findings, stacklevel=2, mode=mode)
     return count
 
 
@@ -235,13 +241,14 @@ def _sync_single(dev: Device, dma_addr: int, size: int, direction: Any, for_cpu:
     dir_value = direction_value(direction)
     dma_addr = require_range("dma_addr", dma_addr, 0, U64_MAX)
     size = require_range("size", size, 1, U64_MAX)
+    mode = dma_debug.mode_of(dev)
     with dev._life:
         findings = (
             dma_debug.check_sync(dev, [(dma_addr, size)], dir_value, None, for_cpu)
-            if dma_debug.mode_of(dev) != "off"
+            if mode != "off"
             else []
         )
-    dma_debug.deliver(dev, findings, stacklevel=3)
+    dma_debug.deliver(dev, findings, stacklevel=3, mode=mode)
 
 
 __all__ = [

@@ -14,7 +14,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Iterator, List, Optional, Tuple
 
-from ._util import require_range
+from ._util import after_leaving, require_range
 from .constants import U64_MAX
 from .errors import InvalidArgument, OutOfMemory
 from .iommu import Iommu
@@ -57,14 +57,20 @@ def exhaust_iova(iommu: Iommu, limit: Optional[int] = None) -> Iterator[int]:
                     size //= 2
         yield sum(granules for _, granules in taken)
     finally:
-        try:
-            # A call on the IOMMU (pinned: still there, whatever its owner did): a fork waits
-            # for it, and safety nets the collector runs meanwhile wait until it is done.
-            with life.use() as handle:
-                for pfn, granules in reversed(taken):
-                    engine.iommu_iova_free(handle, pfn, granules)
-        finally:
-            life.unpin("exhaust_iova")
+
+        def give_back() -> None:
+            try:
+                # A call on the IOMMU (pinned: still there, whatever its owner did): a fork
+                # waits for it, and safety nets the collector runs meanwhile wait for it.
+                with life.use() as handle:
+                    for pfn, granules in reversed(taken):
+                        engine.iommu_iova_free(handle, pfn, granules)
+            finally:
+                life.unpin("exhaust_iova")
+
+        # At once, unless this block is left from inside another call on this thread (the
+        # collector finalizing a suspended generator there): then once that call is done.
+        after_leaving(give_back)
 
 
 def drop_mapping(iommu: Iommu, iova: int, size_bytes: int) -> int:

@@ -160,7 +160,7 @@ class SGTable(Generic[S]):
                 raw = build_table(engine, memoryview(pfns), 0, pages.size, limit, page_size, 0)
                 raw._state.owner = "SGTable"
                 try:
-                    mapping, _, findings = map_table(dev, raw, dir_value, None, devres=True)
+                    mapping, _, findings, mode = map_table(dev, raw, dir_value, None, devres=True)
                 except BaseException:
                     raw.close()
                     raise
@@ -169,7 +169,7 @@ class SGTable(Generic[S]):
                 raise
         try:
             # Outside every object: a warning filter may run any code (the pages stay claimed).
-            dma_debug.deliver(dev, findings, stacklevel=3)
+            dma_debug.deliver(dev, findings, stacklevel=3, mode=mode)
         except BaseException:
             with raw._life as table_handle:  # no table for the caller: undo it all
                 mapping.end(table_handle)
