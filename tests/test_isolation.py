@@ -134,14 +134,18 @@ def test_gc_of_an_owned_table_unmaps_before_freeing_pages(system: Any) -> None:
             assert iommu.mapped_pages == 0, "pages freed while the IOMMU still maps them"
         return real(memory, freed)
 
-    del table, pages, cycle
-    with (
-        EngineHook(mem.engine, "dma_unmap", on_unmap),
-        EngineHook(mem.engine, "table_destroy", on_destroy),
-        EngineHook(mem.engine, "memory_free_pages", on_free),
-        pytest.warns(ResourceWarning, match="SGTable dropped while DMA-mapped"),
-    ):
-        gc.collect()
+    gc.disable()  # the cycle must be collected inside the block, not at an allocation before
+    try:
+        del table, pages, cycle
+        with (
+            EngineHook(mem.engine, "dma_unmap", on_unmap),
+            EngineHook(mem.engine, "table_destroy", on_destroy),
+            EngineHook(mem.engine, "memory_free_pages", on_free),
+            pytest.warns(ResourceWarning, match="SGTable dropped while DMA-mapped"),
+        ):
+            gc.collect()
+    finally:
+        gc.enable()
     assert order == ["unmap", "free entries", "free pages"]
     assert dev.live_mappings == 0 and mem.free_pages == mem.n_pages
     again = mem.alloc_pages(3)

@@ -1008,3 +1008,34 @@ def test_exhaust_iova_left_from_inside_a_call_gives_everything_back(engine: str)
     sg.dma_unmap_sgtable(dev, table, Dir.TO_DEVICE)
     dev.close()
     iommu.close()  # no pin left behind
+
+
+def test_restrict_permissions_never_outlives_the_mapping(engine: str) -> None:
+    """restrict_permissions looks a page up, unmaps it and maps it again; an unmap of its
+    DMA mapping on another thread used to come in between, and the re-map then outlived the
+    mapping: the device read the pages' next owner, and the IOVA stayed taken for good."""
+    from scatterlist import faults
+
+    mem = sg.PhysicalMemory(1 << 24, engine=engine)
+    iommu = sg.Iommu(mem)
+    dev = sg.Device(mem, iommu)
+    owned = sg.SGTable.new(dev, mem.alloc_pages(1), Dir.BIDIRECTIONAL)
+    iova = owned.entries()[0].dma_address
+    with Pause(engine, "iommu_map") as pause:  # held between its unmap and its re-map
+        restrict = InThread(
+            lambda: faults.restrict_permissions(iommu, iova, PAGE, sg.IOMMU_READ), "restrict"
+        )
+        assert pause.entered.wait(5)
+        closer = InThread(owned.close, "closer")
+        assert closer.running_after(0.3)  # the unmap waits for the edit to be whole
+        pause.resume()
+        assert restrict.result() == 1
+        closer.result()
+    assert iommu.lookup(iova) is None and iommu.mapped_pages == 0
+    victim = mem.alloc_pages(1)
+    mem.write(victim.pfns[0] * PAGE, b"next owner")
+    with pytest.raises(sg.IommuFault):
+        dev.dma_read(iova, 10)
+    again = sg.SGTable.new(dev, victim, Dir.TO_DEVICE)  # the IOVA space is whole
+    again.close()
+    assert mem.free_pages == mem.n_pages

@@ -21,7 +21,7 @@ from ._engine import DeviceLimits, Engine
 from ._util import Lifetime, allocating, reinit_after_fork, require_range, require_str
 from .constants import DMA_BIT_MASK, IOMMU_READ, U32_MAX, U64_MAX
 from .errors import BusyError, ClosedError, InvalidArgument, Reason, error_for
-from .iommu import Iommu
+from .iommu import Iommu, PageTableEdits
 from .memory import PhysicalMemory
 from .table import RawTable, TableState
 
@@ -109,7 +109,7 @@ class Mapping:
         if not self.live:
             return None
         device = self.device
-        with device._state.in_iommu():
+        with device._state.in_iommu(), device._state.unmapping():
             device._engine.dma_unmap(
                 device._state.life.handle, table_handle, self.direction, self.map_nents
             )
@@ -147,10 +147,12 @@ class _DeviceState:
         handle: Any,
         memory_life: Lifetime,
         iommu_life: Optional[Lifetime],
+        iommu_edits: Optional[PageTableEdits],
     ) -> None:
         self.engine = engine
         self.memory_life = memory_life
         self.iommu_life = iommu_life
+        self.iommu_edits = iommu_edits
         # Re-entrant: a safety net the collector runs while this thread holds it (a mapping
         # being forgotten) takes it again.
         self.lock = threading.RLock()
@@ -178,6 +180,11 @@ class _DeviceState:
         if self.iommu_life is None or self.engine.consistent_across_fork:
             return _NOTHING_TO_ENTER
         return self.iommu_life.use()
+
+    def unmapping(self) -> ContextManager[Any]:
+        """Held around an unmap through the device's IOMMU (see PageTableEdits)."""
+        edits = self.iommu_edits
+        return _NOTHING_TO_ENTER if edits is None else edits.lock
 
     def register(self, mapping: Mapping) -> None:
         """Record a new mapping.  An owned (Devres) one needs the device bound, checked
@@ -301,7 +308,9 @@ class Device:
         self._iommu = iommu
         self._name = name
         self._debug_mode: Optional[str] = debug_mode
-        self._state = _DeviceState(engine, name, handle, memory._life, iommu_life)
+        self._state = _DeviceState(
+            engine, name, handle, memory._life, iommu_life, None if iommu is None else iommu._edits
+        )
         self._life = self._state.life
         self._finalizer = weakref.finalize(self, self._life.release)
 

@@ -103,7 +103,8 @@ def map_table(
             if mapping is not None:
                 mapping.end(table_handle)
             else:
-                engine.dma_unmap(dev_handle, table_handle, direction, call_ents)
+                with dev._state.unmapping():
+                    engine.dma_unmap(dev_handle, table_handle, direction, call_ents)
                 state.mapping = None
                 state.changed("its DMA map was undone")
             raise
@@ -130,7 +131,8 @@ def _unmap(dev: Device, table: RawTable, direction: Any, nents: Optional[int]) -
             )
         if not (findings and mode == "raise"):
             # The engine checks the device, direction and count; then the record goes.
-            engine.dma_unmap(dev_handle, table_handle, dir_value, nents)
+            with dev._state.unmapping():
+                engine.dma_unmap(dev_handle, table_handle, dir_value, nents)
             if isinstance(mapping, Mapping) and mapping.live:
                 mapping.finish()
             else:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Iterator, List, Optional, Tuple
 
-from ._util import after_leaving, require_range
+from ._util import after_leaving, in_package, require_range
 from .constants import U64_MAX
 from .errors import InvalidArgument, OutOfMemory
 from .iommu import Iommu
@@ -82,9 +82,10 @@ def drop_mapping(iommu: Iommu, iova: int, size_bytes: int) -> int:
     start = require_range("iova", iova, 0, U64_MAX) // granule * granule
     walk_bytes = require_range("size_bytes", size_bytes, 1, MAX_WALK_BYTES)
     end = start + -(-walk_bytes // granule) * granule
-    for page in range(start, end, granule):
-        if iommu.lookup(page) is not None:
-            dropped += iommu.unmap(page, granule)
+    with in_package(), iommu._edits.lock:  # see PageTableEdits
+        for page in range(start, end, granule):
+            if iommu.lookup(page) is not None:
+                dropped += iommu.unmap(page, granule)
     return dropped
 
 
@@ -98,14 +99,17 @@ def restrict_permissions(iommu: Iommu, iova: int, size_bytes: int, prot: int) ->
     walk_bytes = require_range("size_bytes", size_bytes, 1, MAX_WALK_BYTES)
     end = start + -(-walk_bytes // granule) * granule
     changed = 0
-    for page in range(start, end, granule):
-        found = iommu.lookup(page)
-        if found is None:
-            continue
-        phys = found[0] // granule * granule
-        iommu.unmap(page, granule)
-        iommu.map(page, phys, granule, prot)
-        changed += 1
+    # Each page's look-up, unmap and re-map, whole: an unmap of its DMA mapping on another
+    # thread waits (else the re-map would outlive the mapping: see PageTableEdits).
+    with in_package(), iommu._edits.lock:
+        for page in range(start, end, granule):
+            found = iommu.lookup(page)
+            if found is None:
+                continue
+            phys = found[0] // granule * granule
+            iommu.unmap(page, granule)
+            iommu.map(page, phys, granule, prot)
+            changed += 1
     if changed == 0:
         raise InvalidArgument(
             f"restrict_permissions: nothing is mapped in [{iova:#x}, {iova + size_bytes:#x})"

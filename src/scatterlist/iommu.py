@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import threading
 import weakref
 from typing import Any, List, NamedTuple, Optional, Tuple
 
-from ._util import Lifetime, require_range
+from ._util import Lifetime, reinit_after_fork, require_range
 from .constants import ACCESS_CODES, IOMMU_READ, IOMMU_WRITE, U32_MAX, U64_MAX
 from .errors import ACCESS_NAMES, ClosedError, InvalidArgument, Reason
 from .memory import PhysicalMemory
@@ -35,6 +36,22 @@ def access_code(access: str) -> int:
         return ACCESS_CODES[access]
     except (KeyError, TypeError):
         raise InvalidArgument(f"access={access!r} is neither 'read' nor 'write'") from None
+
+
+class PageTableEdits:
+    """Keeps a compound edit of an IOMMU's page table whole: the fault helpers look a page up,
+    unmap it and map it again with other permissions, and an unmap of the DMA mapping that
+    page belongs to (on another thread) must not come in between -- it would free the pages
+    and the IOVA, and the re-map would then give the device a page of their next owner."""
+
+    __slots__ = ("lock", "__weakref__")
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        reinit_after_fork(self)
+
+    def _reinit_after_fork(self) -> None:
+        self.lock = threading.RLock()
 
 
 class Iommu:
@@ -74,6 +91,7 @@ class Iommu:
         self._granule = granule
         self._aperture_bits = aperture_bits
         self._life = Lifetime("Iommu", handle, teardown)
+        self._edits = PageTableEdits()
         self._finalizer = weakref.finalize(self, self._life.release)
 
     # -- state --------------------------------------------------------------------------
