@@ -30,6 +30,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 needs_fork = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 
 
+def _refused_by_fork(use: Any) -> bool:
+    """In a forked child: True if ``use()`` raises the ClosedError that names the fork."""
+    try:
+        use()
+    except sg.ClosedError as exc:
+        return "when the process forked" in str(exc)
+    return False
+
+
 def _run(script: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """A script in a fresh interpreter; a hang shows as faulthandler's stacks and exit 1."""
     prologue = "import faulthandler; faulthandler.dump_traceback_later(20, exit=True)\n"
@@ -293,11 +302,7 @@ def test_a_fork_while_sgtable_new_delivers_its_warning(
         else:
 
             def child() -> bool:
-                try:
-                    pages.pfns
-                    return False
-                except sg.ClosedError as exc:
-                    return "when the process forked" in str(exc) and not pages.owned
+                return _refused_by_fork(lambda: pages.pfns) and not pages.owned
 
         assert _child(child) == 0
         waited = time.monotonic() - started
@@ -337,11 +342,7 @@ def test_an_iommu_a_map_is_changing_at_fork_is_unusable_in_the_child(
                 mapped = iommu.mapped_pages == 1
                 sg.dma_unmap_sgtable(spare, mine, Dir.TO_DEVICE)
                 return mapped and iommu.mapped_pages == 0
-            try:
-                iommu.mapped_pages
-                return False
-            except sg.ClosedError as exc:
-                return "when the process forked" in str(exc)
+            return _refused_by_fork(lambda: iommu.mapped_pages)
 
         assert _child(child) == 0
         pause.resume()
@@ -478,17 +479,9 @@ def test_closing_in_a_child_whose_iommu_is_unusable_frees_nothing(
                     return False
                 except sg.IommuFault:
                     return pages.closed
-            try:
-                owned.close()
-                return False
-            except sg.ClosedError as exc:
-                refused = "when the process forked" in str(exc)
+            refused = _refused_by_fork(owned.close)
             intact = not owned.closed and not pages.closed and owned.nents == segments
-            try:
-                dev.dma_read(iova, 4)
-                return False
-            except sg.ClosedError as exc:
-                device_refused = "when the process forked" in str(exc)
+            device_refused = _refused_by_fork(lambda: dev.dma_read(iova, 4))
             return refused and intact and device_refused
 
         assert _child(child) == 0
@@ -768,11 +761,7 @@ def test_pages_on_a_memory_unusable_in_the_child_are_unusable_too(
         assert pause.entered.wait(5)
 
         def child() -> bool:
-            try:
-                pages.pfns
-                return False
-            except sg.ClosedError as exc:
-                return "when the process forked" in str(exc)
+            return _refused_by_fork(lambda: pages.pfns)
 
         assert _child(child) == 0
         pause.resume()

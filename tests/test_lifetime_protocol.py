@@ -465,7 +465,7 @@ def test_safety_nets_run_inside_a_locked_section_of_the_same_thread(engine: str)
     sg.dma_map_sgtable(dev, table, Dir.TO_DEVICE)
 
     def collect_inside_locks() -> None:
-        with mem._life._cond:
+        with mem._life._sync[0]:
             pages._finalizer()  # what the collector does to dropped Pages
         with dev._state.lock, pytest.warns(ResourceWarning):
             table._finalizer()  # a dropped, still mapped table

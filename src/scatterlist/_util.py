@@ -431,11 +431,6 @@ class Lifetime:
 
     # -- state ------------------------------------------------------------------------
     @property
-    def _cond(self) -> threading.Condition:
-        """The condition (its lock guards the state, the counts and the pins)."""
-        return self._sync[1]
-
-    @property
     def closed(self) -> bool:
         """True once no new call may enter (closing, closed or released)."""
         return self._state is not _OPEN
@@ -662,14 +657,12 @@ class Lifetime:
                 self._state = _CLOSING
                 self._closer = tid
         try:
-            if self._pins:
-                with lock:
-                    self._refuse_if_pinned(revocable)  # calls in flight may have pinned it
+            with lock:
+                self._refuse_if_pinned(revocable)  # calls in flight may have pinned it
             if prepare is not None:
                 prepare(self.handle)
-            if self._pins:
-                with lock:
-                    self._refuse_if_pinned()  # prepare released the revocable ones
+            with lock:
+                self._refuse_if_pinned()  # prepare released the revocable ones
             self._teardown(self.handle, True)
         except BaseException:
             lock, cond = self._sync
@@ -769,9 +762,8 @@ class Lifetime:
         self._calls = mine
         if self._state is _CLOSING and self._closer != tid:
             others_inside = True  # its closer was another thread, mid-way
-        if others_inside and self._state is not _DONE:
-            self._state = _FORKED
-            self._closer = None
+        if others_inside:
+            self.mark_forked()
 
     def mark_forked(self) -> None:
         """In a forked child, for an owner that knows its object was half changed by

@@ -126,23 +126,21 @@ def check_mode(mode: str) -> str:
     raise InvalidArgument(f"debug mode {str.__str__(mode)!r} is not one of {MODES}")
 
 
-def mode_of(target: DebugTarget) -> str:
-    # A Device's own field, not its property: this runs inside calls, where a subclass's
-    # property (user code) must not run.
+def _own_field(target: DebugTarget, field: str, public: str) -> Any:
+    """A Device's own field, not its property: this runs inside calls, where a subclass's
+    property (user code) must not run.  Another DebugTarget is asked for ``public``."""
     try:
-        own = object.__getattribute__(target, "_debug_mode")
+        return object.__getattribute__(target, field)
     except AttributeError:
-        own = target.debug  # another DebugTarget
-    return own or _global_mode
+        return getattr(target, public)
+
+
+def mode_of(target: DebugTarget) -> str:
+    return _own_field(target, "_debug_mode", "debug") or _global_mode
 
 
 def name_of(target: DebugTarget) -> str:
-    """A Device's own name field (see mode_of)."""
-    try:
-        name = object.__getattribute__(target, "_name")
-    except AttributeError:
-        name = target.name  # another DebugTarget
-    return str(name)
+    return str(_own_field(target, "_name", "name"))
 
 
 def error_count() -> int:
